@@ -1,0 +1,127 @@
+"""Magnitude pruning masks: unstructured (single weights) and structured (whole output filters).
+
+Importance is |w| (L1) or w^2 (L2) per weight, or the L1/L2 norm of each output filter for
+structured pruning (Li et al. 2017, "Pruning Filters for Efficient ConvNets"). Scope is one
+global threshold over all selected layers or the same fraction per layer. Sparsity is exact:
+``round(sparsity * n)`` entries are pruned, the lowest scores first with ties broken by position,
+exactly as ``torch.nn.utils.prune`` does. Already-pruned entries stay pruned (masks only shrink).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+IMPORTANCES = ("l1", "l2")
+SCOPES = ("global", "layer")
+
+
+def check_sparsity(value: float, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{key} must be a fraction in [0, 1) (0.9 prunes 90% of the weights); got {value!r}")
+    return float(value)
+
+
+def check_choice(value: str, choices: tuple[str, ...], key: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def weight_scores(weight: torch.Tensor, importance: str) -> torch.Tensor:
+    """Per-weight importance: |w| (l1) or w^2 (l2)."""
+    return weight.detach().abs() if importance == "l1" else weight.detach().pow(2)
+
+
+def filter_scores(weight: torch.Tensor, importance: str) -> torch.Tensor:
+    """Per-output-filter importance: L1 or L2 norm over everything but dim 0."""
+    flat = weight.detach().flatten(1)
+    return flat.abs().sum(1) if importance == "l1" else flat.pow(2).sum(1).sqrt()
+
+
+def _keep_mask(scores: torch.Tensor, n_prune: int, previous: torch.Tensor | None) -> torch.Tensor:
+    """Bool mask keeping all but the ``n_prune`` lowest scores; previously pruned entries go first."""
+    scores = scores.float().clone()
+    if previous is not None:
+        scores[~previous] = -float("inf")
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if n_prune > 0:
+        keep[torch.topk(scores, k=n_prune, largest=False).indices] = False
+    return keep
+
+
+def _masks_from_scores(scores: Mapping[str, torch.Tensor], sparsity: float, scope: str,
+                       previous: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    previous = previous or {}
+    if scope == "layer":
+        return {name: _keep_mask(s.flatten(), round(sparsity * s.numel()), _flat(previous.get(name))).view_as(s)
+                for name, s in scores.items()}
+    names = list(scores)
+    flat = torch.cat([scores[n].flatten().float() for n in names])
+    prev = None
+    if previous:
+        prev = torch.cat([_flat(previous.get(n)) if n in previous else torch.ones(scores[n].numel(), dtype=torch.bool,
+                                                                                  device=flat.device) for n in names])
+    keep = _keep_mask(flat, round(sparsity * flat.numel()), prev)
+    out, offset = {}, 0
+    for n in names:
+        size = scores[n].numel()
+        out[n] = keep[offset:offset + size].view_as(scores[n])
+        offset += size
+    return out
+
+
+def _flat(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if mask is None else mask.flatten().bool()
+
+
+def unstructured_masks(weights: Mapping[str, torch.Tensor], sparsity: float, scope: str = "global",
+                       importance: str = "l1", previous: Mapping[str, torch.Tensor] | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """Bool keep-masks (weight-shaped) pruning exactly ``round(sparsity * n)`` weights."""
+    check_sparsity(sparsity, "sparsity")
+    scores = {n: weight_scores(w, importance) for n, w in weights.items()}
+    return _masks_from_scores(scores, sparsity, scope, previous)
+
+
+def structured_masks(weights: Mapping[str, torch.Tensor], sparsity: float, scope: str = "layer",
+                     importance: str = "l1", previous: Mapping[str, torch.Tensor] | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """Bool keep-masks over output filters (shape ``[out_channels]``), at least one filter kept per layer."""
+    check_sparsity(sparsity, "sparsity")
+    scores = {n: filter_scores(w, importance) for n, w in weights.items()}
+    masks = _masks_from_scores(scores, sparsity, scope, previous)
+    for name, mask in masks.items():
+        if not mask.any():  # never empty a layer: keep its strongest filter
+            mask[scores[name].argmax()] = True
+    return masks
+
+
+def expand_filter_mask(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A per-filter mask broadcast to the weight's shape."""
+    return mask.view(-1, *([1] * (weight.dim() - 1))).expand_as(weight)
+
+
+def sparsity_of(masks: Mapping[str, torch.Tensor]) -> float:
+    """Fraction of pruned entries over all masks."""
+    total = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    return 1.0 - kept / total if total else 0.0
+
+
+def enforce_masks_(params: list[torch.Tensor], masks: list[torch.Tensor],
+                   optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Zero pruned weights in place, and their optimizer state (momentum, Adam moments), so
+    nothing can revive them. ``masks`` are float 0/1 tensors shaped like ``params``.
+
+    One fused ``_foreach_mul_`` per tensor list: no Python loop over elements, no host sync.
+    """
+    with torch.no_grad():
+        torch._foreach_mul_(params, masks)
+        if optimizer is None:
+            return
+        for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+            pairs = [(optimizer.state[p][key], m) for p, m in zip(params, masks)
+                     if p in optimizer.state and optimizer.state[p].get(key) is not None]
+            if pairs:
+                torch._foreach_mul_([b for b, _ in pairs], [m for _, m in pairs])

@@ -1,0 +1,110 @@
+"""Pickle-free save/load of (possibly thinned) timm models: name + kwargs + layer shapes + state_dict.
+
+Physical channel removal (network slimming, structured pruning) changes layer widths, so the
+timm factory alone no longer rebuilds the network. We record every shape-defining module
+attribute and every tensor shape, and rebuild by creating the dense model and resizing it.
+The file holds only tensors, numbers and strings, so it loads with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "netcompress-model/1"
+
+# Module attributes that determine tensor shapes or how the forward uses them.
+_SHAPE_ATTRS = (
+    "in_channels", "out_channels", "groups", "num_features", "in_features", "out_features",
+    "normalized_shape", "num_channels", "num_groups", "embed_dim", "num_heads", "head_dim",
+)
+
+
+def architecture_of(net: nn.Module) -> dict[str, Any]:
+    """Shapes of every parameter/buffer and the shape-defining attributes of every module."""
+    tensors = {k: list(v.shape) for k, v in net.state_dict().items()}
+    modules = {}
+    for name, module in net.named_modules():
+        attrs = {}
+        for attr in _SHAPE_ATTRS:
+            value = module.__dict__.get(attr)
+            if isinstance(value, (int, tuple, list)) and not isinstance(value, bool):
+                attrs[attr] = list(value) if isinstance(value, (tuple, list)) else value
+        if attrs:
+            modules[name] = attrs
+    return {"tensors": tensors, "modules": modules}
+
+
+def reshape_to(net: nn.Module, arch: dict[str, Any]) -> nn.Module:
+    """Resize ``net`` in place so its layers have the widths recorded in ``arch``.
+
+    Values are left uninitialised: the caller loads a state_dict right after.
+    """
+    named = dict(net.named_modules())
+    for name, attrs in arch["modules"].items():
+        if name not in named:
+            raise ValueError(
+                f"saved architecture has a module '{name}' that the rebuilt model lacks; "
+                "was the file made with another model.name or model kwargs?"
+            )
+        module = named[name]
+        for attr, value in attrs.items():
+            current = getattr(module, attr, None)
+            setattr(module, attr, tuple(value) if isinstance(current, tuple) else value)
+    for key, shape in arch["tensors"].items():
+        owner_name, _, leaf = key.rpartition(".")
+        owner = named.get(owner_name)
+        if owner is None:
+            raise ValueError(f"saved tensor '{key}' has no owning module in the rebuilt model")
+        current = owner._parameters.get(leaf) if leaf in owner._parameters else owner._buffers.get(leaf)
+        if current is None or list(current.shape) == list(shape):
+            continue
+        fresh = torch.empty(shape, dtype=current.dtype, device=current.device)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(fresh, requires_grad=current.requires_grad)
+        else:
+            owner._buffers[leaf] = fresh
+    return net
+
+
+def save_model(net: nn.Module, path: str | os.PathLike, model_name: str, num_classes: int,
+               model_kwargs: dict | None = None, extra: dict | None = None) -> int:
+    """Write the deployable model file atomically; returns its size in bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "model_name": model_name,
+        "num_classes": int(num_classes),
+        "model_kwargs": dict(model_kwargs or {}),
+        "arch": architecture_of(net),
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "extra": dict(extra or {}),
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def load_model(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a model saved by :func:`save_model` (no pickled code is executed)."""
+    from models.factory import create_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign file
+        raise ValueError(f"model file {path} is not a readable netcompress model ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"model file {path} is not a {FORMAT} file (a Lightning checkpoint? "
+                         "use lightning_modules.load_net_from_checkpoint)")
+    net = create_model(payload["model_name"], num_classes=payload["num_classes"], **payload["model_kwargs"])
+    reshape_to(net, payload["arch"])
+    net.load_state_dict(payload["state_dict"])
+    return net.eval()

@@ -1,0 +1,83 @@
+"""Shared test helpers: compose the real Hydra config and shrink it (tiny data, no logger, tmp output)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# The small, fast setting every end-to-end test starts from.
+TINY_DATA = ["data=synthetic", "data.train_size=64", "data.val_size=32", "data.test_size=32", "data.batch_size=16"]
+TINY_RUN = [
+    "logger=none", "callbacks=none", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false", "latency_repeats=3",
+]
+TINY = TINY_DATA + TINY_RUN
+
+
+def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
+    """The real config with ``overrides``, its Hydra runtime pointed at ``output_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.runtime.cwd = str(ROOT)
+        cfg.hydra.job.num = 0
+        cfg.hydra.job.id = "test"
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as in a real run: the app config without the hydra node
+    return cfg
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """compose_config with the TINY overrides first, then the test's own."""
+    def make(*overrides: str) -> DictConfig:
+        return compose_config([*TINY, *overrides], tmp_path / "run")
+    return make
+
+
+def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python run.py ARGS`` in a subprocess (multirun, DDP, command-line errors)."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
+
+
+class StopAfterEpochs:
+    """A callback that ends fit after ``epochs`` epochs, as if the job were killed (the schedule
+    still spans trainer.max_epochs, so resuming must reproduce the uninterrupted run)."""
+
+    def __new__(cls, epochs: int):
+        import pytorch_lightning as pl
+
+        class _Stop(pl.Callback):
+            def on_train_epoch_end(self, trainer, pl_module):
+                if trainer.current_epoch + 1 >= epochs:
+                    trainer.should_stop = True
+
+        return _Stop()
+
+
+def fit_interrupted(cfg: DictConfig, epochs: int) -> Path:
+    """Fit ``cfg`` but stop after ``epochs`` epochs; returns the last.ckpt to resume from."""
+    from run import build
+
+    datamodule, module, trainer = build(cfg)
+    trainer.callbacks.append(StopAfterEpochs(epochs))
+    trainer.fit(module, datamodule=datamodule)
+    return Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"

@@ -1,0 +1,154 @@
+"""The callback contract of ClassificationModule: loss terms, aux modules, net replacement; schedules."""
+from __future__ import annotations
+
+import copy
+import math
+from functools import partial
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import models  # noqa: F401
+from conftest import TINY, compose_config
+from lightning_modules import schedules
+from lightning_modules.checkpoint_io import load_net
+from lightning_modules.classification import ClassificationModule
+from run import build, run
+
+
+def test_loss_term_is_added_and_task_weight_scales_ce(tiny_config):
+    cfg = tiny_config("trainer.limit_train_batches=1")
+    datamodule, module, trainer = build(cfg)
+    seen = {}
+
+    def constant_term(ctx):
+        seen["logits"], seen["targets"] = ctx.logits.detach(), ctx.targets
+        return torch.tensor(3.0) + 0 * ctx.logits.sum()
+
+    class ConstantTerm(pl.Callback):
+        def setup(self, trainer, pl_module, stage):
+            pl_module.set_task_loss_weight(0.25)
+            pl_module.add_loss_term("const", constant_term, weight=2.0)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen["loss"] = outputs["loss"].detach()
+
+    trainer.callbacks.append(ConstantTerm())
+    trainer.fit(module, datamodule=datamodule)
+    expected = 0.25 * F.cross_entropy(seen["logits"], seen["targets"]) + 2.0 * 3.0
+    torch.testing.assert_close(seen["loss"], expected)
+    assert "train/const" in trainer.callback_metrics and "train/ce" in trainer.callback_metrics
+
+
+def test_duplicate_loss_term_name_is_an_error():
+    module = ClassificationModule(models.create_model("conv2_lth", num_classes=10), optimizer=torch.optim.SGD)
+    module.add_loss_term("kd", lambda ctx: 0)
+    with pytest.raises(ValueError, match="already registered"):
+        module.add_loss_term("kd", lambda ctx: 0)
+
+
+def test_aux_module_is_optimised_and_checkpointed_but_not_exported(tiny_config):
+    cfg = tiny_config("trainer.limit_train_batches=2")
+    datamodule, module, trainer = build(cfg)
+    adapter = nn.Linear(10, 10)
+
+    class Adapter(pl.Callback):
+        def setup(self, trainer, pl_module, stage):
+            pl_module.register_aux_module("adapter", adapter)
+            pl_module.add_loss_term("adapter", lambda ctx: ctx.module.aux["adapter"](ctx.logits).pow(2).mean())
+
+    trainer.callbacks.append(Adapter())
+    before = adapter.weight.detach().clone()
+    trainer.fit(module, datamodule=datamodule)
+    assert not torch.equal(before, module.aux["adapter"].weight)
+    optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert id(module.aux["adapter"].weight) in optimised
+    assert any(k.startswith("aux.adapter.") for k in module.state_dict())
+    assert not any("adapter" in k for k in module.net.state_dict())
+
+
+def thinner_copy(net: nn.Module) -> nn.Module:
+    """conv2_lth with the classifier's hidden width halved, weights copied where they overlap."""
+    thin = models.create_model("conv2_lth", num_classes=10)
+    thin.load_state_dict(net.state_dict())
+    fc_in, fc_out = _hidden_pair(thin)
+    keep = fc_in.out_features // 2
+    fc_in.weight = nn.Parameter(fc_in.weight.detach()[:keep].clone())
+    fc_in.bias = nn.Parameter(fc_in.bias.detach()[:keep].clone())
+    fc_in.out_features = keep
+    fc_out.weight = nn.Parameter(fc_out.weight.detach()[:, :keep].clone())
+    fc_out.in_features = keep
+    return thin
+
+
+def _hidden_pair(net: nn.Module):
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    return linears[-3], linears[-2]
+
+
+class ReplaceAfterFirstEpoch(pl.Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            pl_module.replace_net(thinner_copy(pl_module.net), optimizer_overrides={"lr": 0.001})
+
+
+def test_replace_net_rebuilds_optimizer_and_resume_restores_thin_net(tmp_path):
+    overrides = [*TINY, "model.name=conv2_lth", "callbacks=model_checkpoint",
+                 "callbacks.model_checkpoint.save_top_k=-1", "trainer.max_epochs=3"]
+    cfg = compose_config(overrides, tmp_path / "a")
+    datamodule, module, trainer = build(cfg)
+    trainer.callbacks.append(ReplaceAfterFirstEpoch())
+    trainer.fit(module, datamodule=datamodule)
+    thin_width = _hidden_pair(module.net)[0].out_features
+    assert thin_width == _hidden_pair(models.create_model("conv2_lth", num_classes=10))[0].out_features // 2
+    optimizer = trainer.optimizers[0]
+    assert {id(p) for p in optimizer.param_groups[0]["params"]} == {id(p) for p in module.net.parameters()}
+    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.001)
+
+    # Resume from the epoch-2 checkpoint (after the swap) into a fresh dense module.
+    checkpoint = next((tmp_path / "a" / "checkpoints").glob("epoch_001*.ckpt"))
+    cfg_b = compose_config([*overrides, f"ckpt_path={checkpoint}"], tmp_path / "b")
+    datamodule_b, module_b, trainer_b = build(cfg_b)
+    trainer_b.fit(module_b, datamodule=datamodule_b, ckpt_path=str(checkpoint))
+    assert _hidden_pair(module_b.net)[0].out_features == thin_width
+    assert trainer_b.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(0.001)
+    for key, value in module.net.state_dict().items():
+        torch.testing.assert_close(value, module_b.net.state_dict()[key], rtol=0, atol=0, msg=key)
+    # A checkpoint of a thinned run turns back into the thin network.
+    reloaded = load_net(checkpoint)
+    assert _hidden_pair(reloaded)[0].out_features == thin_width
+
+
+def test_multistep_schedule_matches_paper_recipe():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = schedules.multistep(opt, total_steps=100, steps_per_epoch=10, milestones=(0.5, 0.75), gamma=0.1)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[49] == pytest.approx(0.1)
+    assert lrs[50] == pytest.approx(0.01) and lrs[74] == pytest.approx(0.01)
+    assert lrs[75] == pytest.approx(0.001) and lrs[99] == pytest.approx(0.001)
+
+
+def test_cosine_schedule_with_warmup_matches_formula():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = schedules.cosine(opt, total_steps=110, steps_per_epoch=10, warmup_epochs=1.0)
+    lrs = []
+    for _ in range(110):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    for step in (10, 40, 77, 109):
+        assert lrs[step] == pytest.approx(0.5 * (1 + math.cos(math.pi * (step - 10) / 100)))
+
+
+def test_bad_milestones_are_rejected():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="milestones"):
+        schedules.multistep(opt, total_steps=10, steps_per_epoch=1, milestones=(0.75, 0.5))
