@@ -30,20 +30,11 @@ from datamodules.cifar10_store import build_cache, fallback_cache_file, read_cac
 
 
 def build_model(name: str) -> tuple[torch.nn.Module, str]:
-    """The colleague's registered CIFAR ResNet if ``models`` imports, else a small stand-in."""
-    try:
-        import timm
+    """The registered CIFAR network ``name`` (timm registry, see models/)."""
+    import timm
 
-        import models  # noqa: F401  (registers the CIFAR nets in timm)
-        return timm.create_model(name, num_classes=10), name
-    except Exception as err:  # models/ not ready: keep the benchmark usable
-        print(f"(models/{name} unavailable: {err}; using a 3-conv stand-in)")
-        net = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-            torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
-            torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10))
-        return net, "stand-in CNN"
+    import models  # noqa: F401  (registers the CIFAR nets in timm)
+    return timm.create_model(name, num_classes=10), name
 
 
 def time_cache(root: Path) -> tuple[float, float, Path]:
