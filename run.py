@@ -9,6 +9,8 @@ output folder, also when it fails.
 """
 from __future__ import annotations
 
+import signal
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_only
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -108,6 +111,10 @@ def measure(module, datamodule, output_dir: Path, cfg: DictConfig) -> dict:
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Fit, test the final weights, measure, and return (results, objects)."""
+    if cfg.get("protocol"):  # multi-stage protocols (protocols/): same return shape
+        from protocols import run_protocol
+
+        return run_protocol(cfg)
     datamodule, module, trainer = build(cfg)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
@@ -135,11 +142,29 @@ def print_summary(results: dict) -> None:
     Console().print(table)
 
 
+class Terminated(Exception):
+    """The job received SIGTERM (killed by the user or the cluster scheduler)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated("received SIGTERM")
+
+
+def _on_sigterm(handler):
+    """Install a SIGTERM handler (main thread only); returns the previous one."""
+    if threading.current_thread() is not threading.main_thread() or handler is None:
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def run(cfg: DictConfig) -> dict:
     """train() wrapped so that results.json is written whatever happens (rank 0 only)."""
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     results = new_results(cfg.seed, cfg.model.name, OmegaConf.to_container(cfg, resolve=True), provenance.collect())
     objects: dict = {}
+    if rank_zero_only.rank == 0:
+        write_results(output_dir, results)  # status "running": a killed job still leaves a record
+    previous_handler = _on_sigterm(_raise_terminated)
     try:
         metrics, objects = train(cfg)
         if not objects["trainer"].is_global_zero:
@@ -151,6 +176,8 @@ def run(cfg: DictConfig) -> dict:
         results.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         write_results(output_dir, results)
         raise
+    finally:
+        _on_sigterm(previous_handler)
     write_results(output_dir, results)
     for logger in objects["trainer"].loggers:
         if type(logger).__name__ == "WandbLogger":

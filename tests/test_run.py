@@ -212,3 +212,25 @@ def test_ddp_on_two_cpu_processes_writes_results_once(tmp_path):
     assert saved["status"] == "ok" and saved["world_size"] == 2
     assert 0.0 <= saved["test/acc1"] <= 1.0
     assert len(list(tmp_path.rglob("results.json"))) == 1
+
+
+@pytest.mark.slow
+def test_killed_run_leaves_a_failed_record(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *TINY, "data.train_size=4096",
+                                "trainer.max_epochs=50", f"hydra.run.dir={out}"], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "results.json").exists():
+        time.sleep(0.5)
+    assert json.loads((out / "results.json").read_text())["status"] == "running"
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["status"] == "failed" and "SIGTERM" in saved["error"]
