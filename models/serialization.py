@@ -4,12 +4,17 @@ Physical channel removal (network slimming, structured pruning) changes layer wi
 timm factory alone no longer rebuilds the network. We record every shape-defining module
 attribute and every tensor shape, and rebuild by creating the dense model and resizing it.
 The file holds only tensors, numbers and strings, so it loads with ``weights_only=True``.
+
+Modules that compression swaps in for a layer (e.g. a low-rank pair for a Linear) expose
+``netcompress_spec() -> dict`` with a ``"type"``; ``architecture_of`` records those specs under
+``"replace"`` and ``reshape_to`` rebuilds them first with the builder registered for the type.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -23,9 +28,30 @@ _SHAPE_ATTRS = (
 )
 
 
+# spec["type"] -> fn(spec) -> nn.Module, for modules that replace a layer (see netcompress_spec).
+MODULE_BUILDERS: dict[str, Callable[[dict], nn.Module]] = {}
+# Modules whose import registers builders; imported on demand so load_model works in a fresh process.
+BUILDER_PROVIDERS = ("compression.low_rank",)
+
+
+def register_module_builder(kind: str, builder: Callable[[dict], nn.Module]) -> None:
+    MODULE_BUILDERS[kind] = builder
+
+
+def _builder(kind: str) -> Callable[[dict], nn.Module]:
+    if kind not in MODULE_BUILDERS:
+        for provider in BUILDER_PROVIDERS:
+            importlib.import_module(provider)
+    if kind not in MODULE_BUILDERS:
+        raise ValueError(f"saved architecture replaces a layer by an unknown module type {kind!r}; "
+                         f"known: {sorted(MODULE_BUILDERS)}")
+    return MODULE_BUILDERS[kind]
+
+
 def architecture_of(net: nn.Module) -> dict[str, Any]:
     """Shapes of every parameter/buffer and the shape-defining attributes of every module."""
     tensors = {k: list(v.shape) for k, v in net.state_dict().items()}
+    replace = {name: m.netcompress_spec() for name, m in net.named_modules() if hasattr(m, "netcompress_spec")}
     modules = {}
     for name, module in net.named_modules():
         attrs = {}
@@ -35,7 +61,10 @@ def architecture_of(net: nn.Module) -> dict[str, Any]:
                 attrs[attr] = list(value) if isinstance(value, (tuple, list)) else value
         if attrs:
             modules[name] = attrs
-    return {"tensors": tensors, "modules": modules}
+    arch = {"tensors": tensors, "modules": modules}
+    if replace:
+        arch["replace"] = replace
+    return arch
 
 
 def reshape_to(net: nn.Module, arch: dict[str, Any]) -> nn.Module:
@@ -43,6 +72,13 @@ def reshape_to(net: nn.Module, arch: dict[str, Any]) -> nn.Module:
 
     Values are left uninitialised: the caller loads a state_dict right after.
     """
+    for name, spec in arch.get("replace", {}).items():  # outermost first: named_modules order
+        parent_name, _, leaf = name.rpartition(".")
+        try:
+            parent = net.get_submodule(parent_name) if parent_name else net
+        except AttributeError as exc:
+            raise ValueError(f"saved architecture replaces module '{name}' that the rebuilt model lacks") from exc
+        setattr(parent, leaf, _builder(spec["type"])(dict(spec)))
     named = dict(net.named_modules())
     for name, attrs in arch["modules"].items():
         if name not in named:

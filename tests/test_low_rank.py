@@ -1,0 +1,153 @@
+"""Low-rank decomposition: SVD factors against the layer, parameter formulas, rank rules, model.pt reload, resume, errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import models  # noqa: F401
+from compression import low_rank
+from conftest import ROOT, TINY, compose_config, fit_interrupted
+from evaluation.model_stats import count_flops
+from models.serialization import load_model, save_model
+from run import build, run
+
+TINY_NET = ["model.name=conv2_lth", "+model.width=0.125", "latency_repeats=1"]
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Linear(24, 16),
+    nn.Linear(10, 30, bias=False),
+    nn.Conv2d(6, 10, 3, stride=2, padding=1),
+    nn.Conv2d(4, 7, (3, 5), padding=(1, 2), dilation=1, bias=False),
+], ids=["linear", "linear_wide_nobias", "conv_stride2", "conv_3x5_nobias"])
+def test_full_rank_reproduces_the_layer_outputs(layer):
+    torch.manual_seed(0)
+    x = torch.randn(5, layer.in_features) if isinstance(layer, nn.Linear) else torch.randn(2, layer.in_channels, 9, 11)
+    pair = low_rank.decompose(layer, low_rank.full_rank(layer))
+    with torch.no_grad():
+        torch.testing.assert_close(pair(x), layer(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer, rank, expected", [
+    (nn.Linear(300, 100), 20, 20 * 300 + 100 * 20 + 100),
+    (nn.Linear(300, 100, bias=False), 50, 50 * 300 + 100 * 50),
+    (nn.Conv2d(64, 128, 3, padding=1, bias=False), 32, 32 * 64 * 9 + 128 * 32),
+    (nn.Conv2d(16, 32, 5), 8, 8 * 16 * 25 + 32 * 8 + 32),
+])
+def test_rank_r_lowers_params_as_computed(layer, rank, expected):
+    pair = low_rank.decompose(layer, rank)
+    assert sum(p.numel() for p in pair.parameters()) == expected == low_rank.params_of(layer, rank)
+    assert expected < sum(p.numel() for p in layer.parameters())
+
+
+def test_truncation_error_is_eckart_young():
+    torch.manual_seed(1)
+    layer = nn.Linear(40, 30, bias=False)
+    s = torch.linalg.svdvals(layer.weight.detach().double())
+    for rank in (1, 5, 29):
+        pair = low_rank.decompose(layer, rank)
+        approx = (pair[1].weight @ pair[0].weight).double()
+        error = torch.linalg.matrix_norm(approx - layer.weight.detach().double())
+        torch.testing.assert_close(error, s[rank:].pow(2).sum().sqrt(), rtol=1e-5, atol=1e-6)
+
+
+def test_energy_rank_is_the_smallest_rank_keeping_that_fraction():
+    s = torch.tensor([4.0, 3.0, 2.0, 1.0])  # squares 16, 9, 4, 1: cumulative 16/30, 25/30, 29/30, 1
+    u, _ = torch.linalg.qr(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)))
+    v, _ = torch.linalg.qr(torch.randn(5, 4, generator=torch.Generator().manual_seed(1)))
+    layer = nn.Linear(5, 6)
+    with torch.no_grad():
+        layer.weight.copy_(u @ torch.diag(s) @ v.T)
+    for energy, expected in [(0.5, 1), (16 / 30 - 1e-4, 1), (16 / 30 + 1e-4, 2), (25 / 30 - 1e-4, 2), (0.9, 3), (0.97, 4), (1.0, 4)]:
+        assert low_rank.choose_rank(layer, None, energy) == expected, energy
+    assert low_rank.choose_rank(layer, 3, None) == 3 and low_rank.choose_rank(layer, 99, None) == 5
+
+
+def test_lowrank_run_reports_params_and_flops_before_and_after(tmp_path):
+    cfg = compose_config([*TINY, *TINY_NET, "optimizer.lr=0.01", "compression=[lowrank]", "callbacks.lowrank.energy=null",
+                          "callbacks.lowrank.rank=4", "callbacks.lowrank.skip_first_last=false"], tmp_path / "run")
+    results = run(cfg)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    dense = models.create_model("conv2_lth", num_classes=10, width=0.125)
+    assert saved["compress/params_before"] == sum(p.numel() for p in dense.parameters())
+    assert saved["compress/flops_before"] == count_flops(dense, (3, 32, 32))
+    # rank 4 for every layer whose rank-4 pair is smaller than the layer; the others stay dense
+    expected_params = sum(p.numel() for p in dense.parameters())
+    for name, layer in dense.named_modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d)) and low_rank.params_of(layer, 4) < low_rank.params_of(layer):
+            expected_params += low_rank.params_of(layer, 4) - low_rank.params_of(layer)
+            assert saved["compress/lowrank_ranks"][name] == 4
+    assert saved["compress/params_after"] == saved["params_total"] == expected_params
+    assert saved["compress/flops_after"] == saved["flops"] < saved["compress/flops_before"]
+    net = load_model(tmp_path / "run" / "model.pt")
+    assert isinstance(net.fc1, low_rank.LowRankLinear) and net.fc1[0].out_features == 4
+    assert sum(p.numel() for p in net.parameters()) == expected_params
+    assert results["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_decomposed_model_pt_reloads_in_a_fresh_process_with_equal_outputs(tmp_path):
+    net = models.create_model("vgg11_bn_cifar", num_classes=10, width=0.25).eval()
+    for name in ("features.4", "fc"):
+        low_rank.set_submodule(net, name, low_rank.decompose(net.get_submodule(name), 3))
+    save_model(net, tmp_path / "model.pt", "vgg11_bn_cifar", 10, {"width": 0.25})
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.save(x, tmp_path / "x.pt")
+    # A new interpreter that imports nothing of compression/: load_model must find the builders itself.
+    script = ("import torch, sys; from models.serialization import load_model; "
+              "net = load_model(sys.argv[1]); torch.save(net(torch.load(sys.argv[2])), sys.argv[3])")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model.pt"), str(tmp_path / "x.pt"),
+                           str(tmp_path / "y.pt")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), net(x), rtol=0, atol=0)
+        torch.testing.assert_close(load_model(tmp_path / "model.pt")(x), net(x), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_resume_after_decomposition_equals_uninterrupted(tmp_path):
+    base = [*TINY, *TINY_NET, "callbacks=model_checkpoint", "optimizer.lr=0.01", "compression=[lowrank]",
+            "callbacks.lowrank.at_epoch=1", "callbacks.lowrank.lr=0.005", "callbacks.lowrank.energy=0.8",
+            "trainer.max_epochs=3"]
+    straight = run(compose_config(base, tmp_path / "straight"))
+    checkpoint = fit_interrupted(compose_config(base, tmp_path / "first"), epochs=2)
+    resumed = run(compose_config([*base, f"ckpt_path={checkpoint}"], tmp_path / "resumed"))
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and any(".0.weight" in key for key in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert straight["compress/lowrank_ranks"] == resumed["compress/lowrank_ranks"]
+    assert straight["compress/flops_after"] == resumed["compress/flops_after"]
+
+
+# ----- bad input: clear errors before training ----------------------------------------------------
+
+@pytest.mark.parametrize("overrides, message", [
+    (["callbacks.lowrank.rank=8"], r"set exactly one of `compression\.lowrank\.rank` and `compression\.lowrank\.energy`"),
+    (["callbacks.lowrank.energy=null"], r"set exactly one of"),
+    (["callbacks.lowrank.energy=1.5"], r"`compression\.lowrank\.energy` must be in \(0, 1\].*got 1\.5"),
+    (["callbacks.lowrank.energy=null", "callbacks.lowrank.rank=0"], r"`compression\.lowrank\.rank` must be an int >= 1"),
+    (["callbacks.lowrank.lr=0.01"], r"`compression\.lowrank\.lr` only applies .* at_epoch > 0"),
+    (["callbacks.lowrank.at_epoch=-1"], r"`compression\.lowrank\.at_epoch` must be an int >= 0; got -1"),
+])
+def test_bad_arguments_are_rejected(tiny_config, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build(tiny_config("compression=[lowrank]", *overrides))
+
+
+def test_pattern_matching_no_layer_fails_before_training(tiny_config):
+    datamodule, module, trainer = build(tiny_config(*TINY_NET, "compression=[lowrank]", "callbacks.lowrank.exclude=[head.*]"))
+    with pytest.raises(ValueError, match=r"compression\.lowrank: pattern 'head\.\*' matches no"):
+        trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 0
+
+
+def test_decompose_rejects_a_rank_above_full_rank():
+    with pytest.raises(ValueError, match=r"rank must be in 1\.\.8"):
+        low_rank.decompose(nn.Linear(8, 20), 9)
