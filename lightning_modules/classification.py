@@ -203,6 +203,8 @@ class ClassificationModule(pl.LightningModule):
         saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is None:
             return
-        if saved["arch"]["tensors"] != architecture_of(self.net)["tensors"]:
+        if saved["arch"] != architecture_of(self.net):
             reshape_to(self.net, saved["arch"])
+            if self.channels_last:  # the resized tensors are fresh, contiguous ones
+                self.net.to(memory_format=torch.channels_last)
         self._phase = dict(saved["phase"])

@@ -1,0 +1,282 @@
+"""Fake quantization of Conv2d/Linear layers for quantization-aware training and PTQ calibration.
+
+Weights: per-output-channel symmetric, scale = max|w_c| / (2^(b-1) - 1), zero point 0, range
+[-(2^(b-1) - 1), 2^(b-1) - 1] (restricted, so the sign of a channel can flip when BatchNorm is
+folded in with a negative gamma). Activations (the layer input): per-tensor affine over
+[0, 2^b - 1] with a min-max or moving-average min-max observer; the range always contains 0 so
+zero padding is exact. Gradients are straight-through (Bengio et al. 2013) inside the range and
+zero outside, as in Jacob et al. 2018, "Quantization and Training of Neural Networks for
+Efficient Integer-Arithmetic-Only Inference", and Krishnamoorthi 2018 (per-channel weights).
+
+The hot path is torch's fused ``fake_quantize_per_channel_affine`` /
+``fake_quantize_per_tensor_affine`` (tensor-qparams overload): no ``.item()``, no host sync.
+Observer ranges are buffers, so they are in every checkpoint; the on/off flags are plain
+attributes set by the callback from ``trainer.current_epoch`` (derived, not stored).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+OBSERVERS = ("minmax", "ema")
+EPS = torch.finfo(torch.float32).eps
+
+
+def check_bits(value, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 16:
+        raise ValueError(f"`{key}` must be an int in 2..16; got {value!r}")
+    return value
+
+
+def weight_qrange(bits: int) -> tuple[int, int]:
+    """Symmetric restricted integer range of ``bits``-bit weights: (-(2^(b-1)-1), 2^(b-1)-1)."""
+    qmax = 2 ** (bits - 1) - 1
+    return -qmax, qmax
+
+
+def activation_qrange(bits: int) -> tuple[int, int]:
+    """Unsigned integer range of ``bits``-bit activations: (0, 2^b - 1)."""
+    return 0, 2 ** bits - 1
+
+
+def weight_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel symmetric scale max|w_c| / qmax (detached: no gradient through the scale)."""
+    amax = weight.detach().abs().amax(dim=tuple(range(1, weight.dim())))
+    return (amax / weight_qrange(bits)[1]).clamp_min(EPS).float()
+
+
+def fake_quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-channel symmetric fake quantization (straight-through gradient)."""
+    scale = weight_scale(weight, bits)
+    zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    qmin, qmax = weight_qrange(bits)
+    return torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, qmin, qmax)
+
+
+def activation_qparams(min_val: torch.Tensor, max_val: torch.Tensor, bits: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) of affine quantization of [min(min_val, 0), max(max_val, 0)] to [0, 2^b - 1].
+
+    Same formula as torch.ao's MinMaxObserver and onnxruntime's ``compute_scale_zp``.
+    """
+    qmin, qmax = activation_qrange(bits)
+    low = min_val.clamp(max=0.0)
+    high = max_val.clamp(min=0.0)
+    scale = ((high - low) / float(qmax - qmin)).clamp_min(EPS).float()
+    zero_point = (qmin - torch.round(low / scale)).clamp(qmin, qmax).to(torch.int32)
+    return scale.reshape(1), zero_point.reshape(1)
+
+
+class QuantMixin:
+    """Observer buffers, flags and the quantized input/weight shared by QuantConv2d and QuantLinear."""
+
+    weight_bits: int
+    act_bits: int
+    observer: str
+    momentum: float
+    quant_enabled: bool  # fake-quantize in forward (else the plain float layer)
+    observe: bool        # update the activation range in forward
+
+    def _init_quant(self, weight_bits: int, act_bits: int, observer: str = "minmax", momentum: float = 0.01) -> None:
+        self.weight_bits, self.act_bits = weight_bits, act_bits
+        self.observer, self.momentum = observer, momentum
+        self.quant_enabled = False
+        self.observe = False
+        device = self.weight.device
+        self.register_buffer("act_min", torch.tensor(float("inf"), device=device))
+        self.register_buffer("act_max", torch.tensor(float("-inf"), device=device))
+
+    @torch.no_grad()
+    def update_observer(self, x: torch.Tensor) -> None:
+        low, high = torch.aminmax(x.detach())
+        low, high = low.float(), high.float()
+        if self.observer == "minmax":
+            torch.minimum(self.act_min, low, out=self.act_min)
+            torch.maximum(self.act_max, high, out=self.act_max)
+        else:  # moving average of per-batch min/max; the first batch initialises it
+            fresh = torch.isinf(self.act_min)
+            self.act_min.copy_(torch.where(fresh, low, self.act_min + self.momentum * (low - self.act_min)))
+            self.act_max.copy_(torch.where(fresh, high, self.act_max + self.momentum * (high - self.act_max)))
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observe:
+            self.update_observer(x)
+        scale, zero_point = activation_qparams(self.act_min, self.act_max, self.act_bits)
+        qmin, qmax = activation_qrange(self.act_bits)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+
+    def quantized_weight(self) -> torch.Tensor:
+        return fake_quantize_weight(self.weight, self.weight_bits)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, w{self.weight_bits}a{self.act_bits}, observer={self.observer}"
+
+
+class QuantConv2d(QuantMixin, nn.Conv2d):
+    """nn.Conv2d whose input and weight are fake-quantized when ``quant_enabled``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quant_enabled:
+            return self._conv_forward(x, self.weight, self.bias)
+        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantLinear(QuantMixin, nn.Linear):
+    """nn.Linear whose input and weight are fake-quantized when ``quant_enabled``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quant_enabled:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+
+class FoldableBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, once folded into the conv before it, uses its frozen statistics in training too.
+
+    After :func:`fold_bn_into_conv` the statistics are (mean 0, var 1 - eps), so the layer is a
+    trainable per-channel affine map that folds exactly into the int8 conv at export.
+    ``folded`` is a buffer (checkpointed, so a resumed run never folds twice).
+    """
+
+    is_folded: bool = False  # mirror of the buffer, refreshed by the callback (no sync per step)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_folded:
+            return super().forward(x)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+WRAPPERS: dict[type, type] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+PLAIN: dict[type, type] = {QuantConv2d: nn.Conv2d, QuantLinear: nn.Linear, FoldableBatchNorm2d: nn.BatchNorm2d}
+_QUANT_BUFFERS = ("act_min", "act_max", "folded")
+_QUANT_ATTRS = ("weight_bits", "act_bits", "observer", "momentum", "quant_enabled", "observe", "is_folded")
+
+
+def _retype(module: nn.Module, cls: type) -> nn.Module:
+    """A new ``cls`` object sharing ``module``'s parameters, buffers and children (no copy of tensors)."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    for attr in ("_parameters", "_buffers", "_modules"):
+        setattr(new, attr, dict(getattr(module, attr)))
+    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    return new
+
+
+def _set_child(net: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, child, module)
+
+
+def wrap_layer(layer: nn.Module, weight_bits: int, act_bits: int, observer: str, momentum: float) -> QuantMixin:
+    """The fake-quant version of a plain nn.Conv2d / nn.Linear, sharing its parameters."""
+    new = _retype(layer, WRAPPERS[type(layer)])
+    new._init_quant(weight_bits, act_bits, observer, momentum)
+    return new
+
+
+def make_foldable(bn: nn.BatchNorm2d) -> FoldableBatchNorm2d:
+    new = _retype(bn, FoldableBatchNorm2d)
+    new.register_buffer("folded", torch.zeros((), dtype=torch.bool, device=bn.running_mean.device))
+    new.is_folded = False
+    return new
+
+
+def quant_modules(net: nn.Module) -> Iterator[tuple[str, QuantMixin]]:
+    return ((n, m) for n, m in net.named_modules() if isinstance(m, QuantMixin))
+
+
+def set_quant_state(net: nn.Module, enabled: bool, observe: bool) -> None:
+    for _, module in quant_modules(net):
+        module.quant_enabled = enabled
+        module.observe = observe and enabled
+
+
+def conv_bn_pairs(net: nn.Module, input_size: tuple[int, ...]) -> dict[str, str]:
+    """{conv name: BatchNorm2d name} for every BatchNorm2d whose input is exactly a Conv2d's output.
+
+    Found by one traced forward pass (tensor identity between the conv output and the BN
+    input), so it works on any timm CNN without knowing its module naming.
+    """
+    names = {m: n for n, m in net.named_modules()}
+    produced: dict[int, str] = {}
+    pairs: dict[str, str] = {}
+
+    def after_conv(module, inputs, output):
+        produced[id(output)] = names[module]
+
+    def before_bn(module, inputs):
+        conv = produced.get(id(inputs[0]))
+        if conv is not None:
+            pairs[conv] = names[module]
+
+    hooks = [m.register_forward_hook(after_conv) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_pre_hook(before_bn) for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            device = next(net.parameters()).device
+            net.eval()(torch.zeros(2, *input_size, device=device))
+    finally:
+        net.train(was_training)
+        for h in hooks:
+            h.remove()
+    return pairs
+
+
+@torch.no_grad()
+def fold_bn_into_conv(conv: nn.Conv2d, bn: FoldableBatchNorm2d) -> None:
+    """Fold BN statistics into the conv weight: w <- w * g/std, BN <- (gamma'=1... ) frozen affine.
+
+    The conv weight absorbs gamma/sqrt(var+eps); BN keeps weight 1 and bias beta - mean*gamma/std
+    with statistics (0, 1 - eps), so BN(conv(x)) is unchanged in eval mode and stays a plain
+    affine map afterwards (what the int8 conv computes).
+    """
+    factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    conv.weight.mul_(factor.view(-1, *([1] * (conv.weight.dim() - 1))))
+    bn.bias.copy_(bn.bias - bn.running_mean * factor)
+    bn.weight.fill_(1.0)
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0 - bn.eps)
+    bn.folded.fill_(True)
+    bn.is_folded = True
+
+
+def strip(net: nn.Module, bake_weights: bool = False) -> nn.Module:
+    """A deep copy of ``net`` with plain nn.Conv2d / nn.Linear / nn.BatchNorm2d (no quantization state).
+
+    ``bake_weights=True`` stores the fake-quantized weights (what the int8 model uses) in the copy.
+    """
+    net = copy.deepcopy(net)
+    for name, module in list(net.named_modules()):
+        plain_cls = PLAIN.get(type(module))
+        if plain_cls is None:
+            continue
+        if bake_weights and isinstance(module, QuantMixin):
+            with torch.no_grad():
+                module.weight.copy_(module.quantized_weight())
+        plain = _retype(module, plain_cls)
+        for key in _QUANT_BUFFERS:
+            plain._buffers.pop(key, None)
+        for key in _QUANT_ATTRS if isinstance(module, QuantMixin) else ("is_folded",):
+            plain.__dict__.pop(key, None)
+        if name:
+            _set_child(net, name, plain)
+        else:
+            net = plain
+    return net
+
+
+def activation_ranges(net: nn.Module) -> dict[str, tuple[float, float]]:
+    """{layer name: (min, max)} of every observed quantized layer input (for export)."""
+    return {n: (float(m.act_min), float(m.act_max)) for n, m in quant_modules(net)}
+
+
+def layer_bits(names: list[str], default: int, by_pattern: Mapping[str, int]) -> dict[str, int]:
+    """Bits of each layer: the first matching pattern of ``by_pattern`` in order, else ``default``."""
+    from fnmatch import fnmatchcase
+
+    return {n: next((b for p, b in by_pattern.items() if fnmatchcase(n, p)), default) for n in names}

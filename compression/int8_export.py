@@ -1,0 +1,248 @@
+"""Real int8 export: fake-quant net -> ONNX QDQ model run by onnxruntime's int8 kernels on the CPU.
+
+Why ONNX QDQ + onnxruntime (and not PT2E): torchao is not installed, the PT2E x86 inductor
+path needs a C++ compiler warm-up per shape and is not robust on every timm model, while
+``torch.onnx.export`` (dynamo) exports any timm CNN and folds BatchNorm into the convs, and
+onnxruntime fuses DQ -> Conv -> Q into QLinearConv (VNNI/AVX2 int8 GEMM) with graph
+optimisation on. ``bench/bench_quantization.py`` measures the speed and size ratios.
+
+How the QAT numbers are carried over:
+* weights: the fake-quantized weights are baked in before export; BatchNorm folding scales
+  each output channel, and onnxruntime's per-channel symmetric int8 scale of the folded weight
+  reproduces exactly the same integers for 8-bit layers (sub-8-bit layers land on the finer
+  int8 grid, an error below 3% of one 4-bit step);
+* activations: each quantized layer's input range (rmin, rmax) is the QAT/PTQ observer's,
+  passed as ``TensorQuantOverrides``; tensors our fake-quant does not cover (conv outputs
+  before a residual Add, Add outputs) are calibrated by onnxruntime's MinMax on the same
+  training batches; layers left in float (first/last when skipped) are excluded.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from compression.fake_quant import activation_ranges, strip
+
+
+def fold_batchnorm(net: nn.Module, input_size: tuple[int, ...]) -> nn.Module:
+    """Eval copy of ``net`` with every conv -> BatchNorm2d pair fused into one conv (BN -> Identity).
+
+    Folding multiplies each output channel of the weight by gamma/std, so per-channel integer
+    weights stay the same integers (only the channel's scale changes).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    from compression.fake_quant import _set_child, conv_bn_pairs
+
+    net = copy.deepcopy(net).cpu().eval()
+    for conv, bn in conv_bn_pairs(net, input_size).items():
+        _set_child(net, conv, fuse_conv_bn_eval(net.get_submodule(conv), net.get_submodule(bn)))
+        _set_child(net, bn, nn.Identity())
+    return net
+
+
+def export_fp32_onnx(net: nn.Module, path: str | os.PathLike, input_size: tuple[int, ...]) -> Path:
+    """ONNX (opset 17, dynamic batch) of ``net`` with BatchNorm folded; initializers keep parameter names.
+
+    The TorchScript exporter takes well under a second on a ResNet (the dynamo exporter takes
+    10+ s on 2 cores), so it is tried first; dynamo is the fallback for models it cannot trace.
+    """
+    import warnings
+
+    path = Path(path)
+    net = fold_batchnorm(net, input_size)
+    x = torch.zeros(2, *input_size)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+        except Exception:  # noqa: BLE001 - any tracing failure: use the dynamo exporter instead
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            program = torch.onnx.export(net, (x,), dynamo=True, input_names=["input"], output_names=["logits"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), optimize=True)
+            program.save(str(path))
+    _drop_identities(path)
+    return path
+
+
+def _drop_identities(path: Path) -> None:
+    """Remove Identity nodes (the folded BatchNorms) so the quantizer sees Conv -> Relu -> Conv chains."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    rename = {}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.output[0] not in outputs:
+            rename[node.output[0]] = rename.get(node.input[0], node.input[0])
+        else:
+            keep.append(node)
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    del graph.node[:]
+    graph.node.extend(keep)
+    onnx.save(model, str(path))
+
+
+class _Batches:
+    """onnxruntime CalibrationDataReader over a list of float32 arrays."""
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        self._it = iter([{"input": a} for a in arrays])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def export_int8(qnet: nn.Module, path: str | os.PathLike, input_size: tuple[int, ...],
+                calibration: Iterable[torch.Tensor]) -> Path:
+    """Write the int8 QDQ ONNX model of a fake-quant net (``QuantConv2d``/``QuantLinear`` layers).
+
+    ``calibration``: a few input batches (training data) for the tensors the fake-quant net does
+    not observe itself.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ranges = activation_ranges(qnet)
+    for name, (low, high) in ranges.items():
+        if not np.isfinite(low) or not np.isfinite(high):
+            raise RuntimeError(f"int8 export: layer '{name}' has no observed activation range; "
+                               "quantization never ran (calibrate or train with QAT first)")
+    plain = strip(qnet, bake_weights=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path = export_fp32_onnx(plain, Path(tmp) / "fp32.onnx", input_size)
+        graph = onnx.load(str(fp32_path)).graph
+        quantized, overrides = [], {}
+        for node in graph.node:
+            if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+                continue
+            layer = node.input[1].removesuffix(".weight")
+            if layer in ranges:
+                quantized.append(node.name)
+                low, high = ranges[layer]
+                old = overrides.get(node.input[0], [{"rmin": low, "rmax": high}])[0]
+                overrides[node.input[0]] = [{"rmin": np.float32(min(low, old["rmin"])),
+                                             "rmax": np.float32(max(high, old["rmax"]))}]
+        missing = set(ranges) - {n.input[1].removesuffix(".weight") for n in graph.node if len(n.input) > 1}
+        if missing:  # e.g. all-zero folded weights (timm's zero-init last BN) that the exporter deduplicated
+            logging.getLogger(__name__).warning("int8 export: layers %s have no named weight in the ONNX graph "
+                                                "(identical weights are deduplicated); they stay in float",
+                                                sorted(missing))
+        excluded = [n.name for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.name not in quantized]
+        arrays = [b.detach().float().cpu().contiguous().numpy() for b in calibration]
+        quantize_static(str(fp32_path), str(path), _Batches(arrays), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
+                        extra_options={"TensorQuantOverrides": overrides, "WeightSymmetric": True,
+                                       "ActivationSymmetric": False})
+    return path
+
+
+def session(path: str | os.PathLike, threads: int | None = None):
+    """onnxruntime CPU session with full graph optimisation (QDQ -> QLinearConv fusion)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def predict(sess, x: torch.Tensor) -> torch.Tensor:
+    """Logits of one batch from an onnxruntime session."""
+    out = sess.run(None, {"input": x.detach().float().cpu().contiguous().numpy()})[0]
+    return torch.from_numpy(out)
+
+
+def accuracy(sess, batches: Iterable, num_classes: int) -> float:
+    """Top-1 accuracy of an onnxruntime classifier, computed like the module's ``test/acc1``
+    (torchmetrics MulticlassAccuracy, macro average over classes), so the two are comparable."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    metric = MulticlassAccuracy(num_classes, top_k=1)
+    for inputs, targets in batches:
+        metric.update(predict(sess, inputs), targets.cpu())
+    return float(metric.compute())
+
+
+def latency_ms(sess, input_size: tuple[int, ...], batch_size: int = 1, warmup: int = 5, repeats: int = 30) -> float:
+    """Median wall time (ms) of one onnxruntime forward pass."""
+    feed = {"input": np.random.default_rng(0).standard_normal((batch_size, *input_size)).astype(np.float32)}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def calibration_batches(trainer, n: int) -> list[torch.Tensor]:
+    """The first ``n`` input batches of the training loader (the data PTQ/QAT observers see)."""
+    datamodule = trainer.datamodule
+    loader = datamodule.train_dataloader()
+    out = []
+    for inputs, _ in loader:
+        out.append(inputs)
+        if len(out) >= n:
+            break
+    return out
+
+
+def report_int8(trainer, pl_module, qnet: nn.Module, calibration: int, latency_repeats: int,
+                filename: str = "model_int8.onnx") -> Mapping[str, float]:
+    """Export ``qnet`` to int8 in the run folder, test it, and report int8/* through the module.
+
+    ``int8/agreement`` is the fraction of test images where the int8 model's top-1 equals the
+    fake-quant model's (the fidelity of the export).
+    """
+    from torchmetrics.classification import MulticlassAccuracy
+
+    datamodule = trainer.datamodule
+    input_size = tuple(datamodule.input_size)
+    path = export_int8(qnet, Path(trainer.default_root_dir) / filename, input_size,
+                       calibration_batches(trainer, calibration))
+    sess = session(path)
+    metric = MulticlassAccuracy(datamodule.num_classes, top_k=1)
+    agree = total = 0
+    was_training = qnet.training
+    qnet.eval()
+    with torch.no_grad():
+        for inputs, targets in datamodule.test_dataloader():
+            logits = predict(sess, inputs)
+            metric.update(logits, targets.cpu())
+            fake = qnet(inputs.to(pl_module.device)).argmax(1).cpu()
+            agree += int((fake == logits.argmax(1)).sum())
+            total += int(targets.numel())
+    qnet.train(was_training)
+    figures = {"int8/test/acc1": float(metric.compute()), "int8/agreement": agree / max(total, 1),
+               "int8/latency_ms": latency_ms(sess, input_size, repeats=latency_repeats),
+               "int8/size_bytes": path.stat().st_size}
+    for key, value in figures.items():
+        pl_module.report_result(key, value)
+    return figures
+
+
+__all__ = ["fold_batchnorm", "export_fp32_onnx", "export_int8", "session", "predict", "accuracy", "latency_ms",
+           "report_int8", "calibration_batches"]

@@ -1,0 +1,234 @@
+"""QAT/PTQ fake quantization: numerics against torch built-ins, straight-through gradients,
+observers, BN folding, exact resume, and clear errors before training."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import models  # noqa: F401
+from callbacks.post_training_quantization import PostTrainingQuantization
+from callbacks.quantization_aware_training import QuantizationAwareTraining
+from compression import fake_quant as fq
+from conftest import TINY, compose_config, fit_interrupted
+from models.factory import create_model
+from models.serialization import load_model
+from run import build, run
+
+SMALL = [*TINY, "+model.width=0.25"]
+
+
+# ----- numerics --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_weight_fake_quant_equals_torch_per_channel_op(bits):
+    w = torch.randn(6, 3, 3, 3) * torch.rand(6, 1, 1, 1)
+    qmax = 2 ** (bits - 1) - 1
+    scale = w.abs().flatten(1).max(1).values / qmax  # written out: per-channel symmetric
+    expected = torch.fake_quantize_per_channel_affine(w, scale, torch.zeros(6, dtype=torch.int32), 0, -qmax, qmax)
+    torch.testing.assert_close(fq.fake_quantize_weight(w, bits), expected, rtol=0, atol=0)
+    by_hand = torch.clamp(torch.round(w / scale.view(-1, 1, 1, 1)), -qmax, qmax) * scale.view(-1, 1, 1, 1)
+    torch.testing.assert_close(fq.fake_quantize_weight(w, bits), by_hand, rtol=0, atol=1e-7)
+    assert fq.fake_quantize_weight(w, bits).div(scale.view(-1, 1, 1, 1)).round().unique().numel() <= 2 * qmax + 1
+
+
+def test_weight_gradient_is_straight_through():
+    w = torch.randn(4, 5, requires_grad=True)
+    fq.fake_quantize_weight(w, 4).sum().backward()
+    torch.testing.assert_close(w.grad, torch.ones_like(w))  # max-abs scale: every weight is in range
+
+
+def test_activation_gradient_passes_inside_range_and_is_zero_outside():
+    layer = fq.wrap_layer(nn.Linear(3, 2), 8, 8, "minmax", 0.01)
+    layer.act_min.fill_(-1.0)
+    layer.act_max.fill_(2.0)
+    x = torch.tensor([[-3.0, 0.5, 1.9], [2.5, -0.9, 10.0]], requires_grad=True)
+    layer.quantize_input(x).sum().backward()
+    inside = ((x >= -1.0) & (x <= 2.0)).float()
+    torch.testing.assert_close(x.grad, inside)
+    scale, zero_point = fq.activation_qparams(layer.act_min, layer.act_max, 8)
+    expected = torch.fake_quantize_per_tensor_affine(x.detach(), float(scale), int(zero_point), 0, 255)
+    torch.testing.assert_close(layer.quantize_input(x.detach()), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("low,high", [(-1.3, 4.2), (0.0, 6.0), (0.5, 3.0), (-2.0, -0.5)])
+def test_activation_qparams_match_torch_minmax_observer(low, high):
+    from torch.ao.quantization import MinMaxObserver
+
+    observer = MinMaxObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+    observer(torch.tensor([low, high]))
+    scale_ref, zp_ref = observer.calculate_qparams()
+    scale, zp = fq.activation_qparams(torch.tensor(low), torch.tensor(high), 8)
+    torch.testing.assert_close(scale, scale_ref.float(), rtol=1e-6, atol=0)
+    assert int(zp) == int(zp_ref)
+
+
+def test_minmax_and_ema_observers_follow_their_formulas():
+    batches = [torch.randn(8, 3) * s + o for s, o in ((1.0, 0.0), (3.0, 1.0), (0.5, -2.0))]
+    minmax = fq.wrap_layer(nn.Linear(3, 2), 8, 8, "minmax", 0.01)
+    ema = fq.wrap_layer(nn.Linear(3, 2), 8, 8, "ema", 0.25)
+    for layer in (minmax, ema):
+        fq.set_quant_state(layer, True, True)
+        for x in batches:
+            layer(x)
+    assert float(minmax.act_min) == min(float(x.min()) for x in batches)
+    assert float(minmax.act_max) == max(float(x.max()) for x in batches)
+    low, high = float(batches[0].min()), float(batches[0].max())
+    for x in batches[1:]:  # r <- r + m (r_batch - r)
+        low, high = low + 0.25 * (float(x.min()) - low), high + 0.25 * (float(x.max()) - high)
+    assert float(ema.act_min) == pytest.approx(low, rel=1e-6)
+    assert float(ema.act_max) == pytest.approx(high, rel=1e-6)
+
+
+def test_disabled_wrapper_is_the_float_layer_and_strip_restores_plain_modules():
+    net = create_model("resnet20_cifar", num_classes=10, width=0.25).eval()
+    x = torch.randn(2, 3, 32, 32)
+    reference = net(x)
+    QuantizationAwareTraining().quantize_net(net)
+    assert sum(isinstance(m, fq.QuantMixin) for m in net.modules()) == 20  # 21 convs + fc, stem/fc skipped
+    torch.testing.assert_close(net(x), reference, rtol=0, atol=0)
+    plain = fq.strip(net)
+    assert not any(isinstance(m, (fq.QuantMixin, fq.FoldableBatchNorm2d)) for m in plain.modules())
+    assert set(plain.state_dict()) == set(create_model("resnet20_cifar", num_classes=10, width=0.25).state_dict())
+
+
+def test_bn_fold_keeps_eval_output_and_quantizes_folded_weights():
+    conv, bn = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.uniform_(-2, 2), bn.bias.uniform_(-1, 1), bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    expected = bn.eval()(conv(x))
+    bn = fq.make_foldable(bn)
+    gamma_over_std = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    folded_weight = conv.weight.detach() * gamma_over_std.view(-1, 1, 1, 1)
+    fq.fold_bn_into_conv(conv, bn)
+    torch.testing.assert_close(conv.weight.detach(), folded_weight)
+    torch.testing.assert_close(bn.train()(conv(x)), expected, rtol=1e-5, atol=1e-5)  # frozen stats in train mode too
+    assert bool(bn.folded)
+
+
+# ----- errors before training ------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [0, 1, 17, 8.0, True])
+def test_bits_outside_2_to_16_are_rejected(bits):
+    with pytest.raises(ValueError, match=rf"`compression\.qat\.bits` must be an int in 2\.\.16; got {bits!r}"):
+        QuantizationAwareTraining(bits=bits)
+    with pytest.raises(ValueError, match=r"`compression\.ptq\.bits_by_pattern\['layer3\.\*'\]` must be an int in 2\.\.16"):
+        PostTrainingQuantization(bits_by_pattern={"layer3.*": 17})
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"observer": "max"}, r"`compression\.qat\.observer` must be one of minmax, ema; got 'max'"),
+    ({"ema_momentum": 0}, r"`compression\.qat\.ema_momentum` must be in \(0, 1\]; got 0"),
+    ({"start_epoch": -1}, r"`compression\.qat\.start_epoch` must be an int >= 0; got -1"),
+    ({"start_epoch": 2, "freeze_observers_epoch": 2}, r"freeze_observers_epoch` must be > start_epoch \(2\)"),
+    ({"calibration_batches": 0}, r"`compression\.qat\.calibration_batches` must be an int >= 1; got 0"),
+])
+def test_bad_arguments_are_rejected_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantizationAwareTraining(**kwargs)
+
+
+def test_patterns_that_match_nothing_fail_before_training(tiny_config):
+    for override, message in [
+        ("callbacks.qat.include=[nolayer*]", r"compression\.qat: pattern 'nolayer\*' matches no"),
+        ("++callbacks.qat.bits_by_pattern={nolayer*: 4}",
+         r"compression\.qat\.bits_by_pattern: pattern 'nolayer\*' matches no quantized layer"),
+    ]:
+        cfg = tiny_config("compression=[qat]", override)
+        datamodule, module, trainer = build(cfg)
+        before = [p.detach().clone() for p in module.net.parameters()]
+        with pytest.raises(ValueError, match=message):
+            trainer.fit(module, datamodule=datamodule)
+        assert trainer.global_step == 0
+        assert all(torch.equal(b, p) for b, p in zip(before, module.net.parameters()))
+
+
+def test_unsupported_layer_is_named_with_the_fix():
+    class WithConv1d(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3)
+            self.mix = nn.Conv1d(4, 4, 1)
+            self.body = nn.Conv2d(4, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+    callback = QuantizationAwareTraining(include=["*"])
+    with pytest.raises(ValueError, match=r"layer 'mix' is a Conv1d, which fake quantization does not support.*"
+                                         r"compression\.qat\.exclude=\['mix'\]"):
+        callback.setup(None, SimpleNamespace(net=WithConv1d()), "fit")
+    QuantizationAwareTraining(exclude=["mix"]).quantize_net(WithConv1d())  # the suggested fix works
+
+
+def test_start_after_last_epoch_and_qat_with_ptq_are_rejected(tiny_config):
+    cfg = tiny_config("compression=[qat]", "callbacks.qat.start_epoch=1")
+    datamodule, module, trainer = build(cfg)
+    with pytest.raises(ValueError, match=r"`compression\.qat\.start_epoch` \(1\) must be < trainer\.max_epochs \(1\)"):
+        trainer.fit(module, datamodule=datamodule)
+    with pytest.raises(ValueError, match=r"compression\.qat and compression\.ptq both quantize"):
+        build(tiny_config("compression=[qat,ptq]"))
+
+
+# ----- schedule, mixed precision, resume ---------------------------------------------------------
+
+def test_schedule_and_mixed_precision_follow_the_config(tiny_config):
+    cfg = tiny_config("compression=[qat]", "trainer.max_epochs=3", "callbacks.qat.start_epoch=1",
+                      "callbacks.qat.freeze_observers_epoch=2", "++callbacks.qat.bits_by_pattern={layer3.*: 4}",
+                      "callbacks.qat.export_int8=false", "+model.width=0.25", "save_model=false")
+    datamodule, module, trainer = build(cfg)
+    seen = []
+
+    class Spy(QuantizationAwareTraining.__mro__[-2]):  # pl.Callback
+        def on_train_epoch_end(self, trainer, pl_module):
+            layer = pl_module.net.get_submodule("layer1.0.conv1")
+            seen.append((layer.quant_enabled, layer.observe, float(layer.act_max)))
+
+    trainer.callbacks.append(Spy())
+    trainer.fit(module, datamodule=datamodule)
+    (e0, o0, r0), (e1, o1, r1), (e2, o2, r2) = seen
+    assert (e0, o0, e1, o1, e2, o2) == (False, False, True, True, True, False)
+    assert r0 == float("-inf") and r1 > 0 and r2 == r1  # observed in epoch 1, frozen in epoch 2
+    qat = next(c for c in trainer.callbacks if isinstance(c, QuantizationAwareTraining))
+    assert qat.layer_bits["layer3.0.conv1"] == 4 and qat.layer_bits["layer1.0.conv1"] == 8
+    assert module.net.get_submodule("layer3.0.conv1").weight_bits == 4
+
+
+@pytest.mark.slow
+def test_resume_mid_qat_equals_uninterrupted(tmp_path):
+    base = [*SMALL, "compression=[qat]", "callbacks=model_checkpoint", "scheduler=cosine", "trainer.max_epochs=3",
+            "callbacks.qat.start_epoch=1", "callbacks.qat.freeze_observers_epoch=2", "callbacks.qat.fold_bn=true",
+            "callbacks.qat.observer=ema", "callbacks.qat.latency_repeats=2"]
+    straight = run(compose_config(base, tmp_path / "straight"))
+    checkpoint = fit_interrupted(compose_config(base, tmp_path / "first"), epochs=2)
+    resumed = run(compose_config([*base, f"ckpt_path={checkpoint}"], tmp_path / "resumed"))
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)["state_dict"]
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert resumed["test/acc1"] == straight["test/acc1"]
+    assert resumed["int8/test/acc1"] == straight["int8/test/acc1"]
+    # model.pt is the plain fp32 net (BN folded in): load_model rebuilds it and it has no quant state.
+    saved = json.loads((tmp_path / "straight" / "results.json").read_text())
+    for key in ("int8/test/acc1", "int8/latency_ms", "int8/size_bytes", "test/acc1", "latency_ms", "size_bytes"):
+        assert key in saved, key
+    assert 0 < saved["int8/size_bytes"] < saved["size_bytes"]
+    net = load_model(tmp_path / "straight" / "model.pt")
+    assert not any(isinstance(m, (fq.QuantMixin, fq.FoldableBatchNorm2d)) for m in net.modules())
+    assert (tmp_path / "straight" / "model_int8.onnx").is_file()
+
+
+@pytest.mark.parametrize("overrides", [["compression=[qat]"], ["compression=[ptq]"],
+                                       ["experiment=qat_resnet20_cifar10"], ["experiment=qat_mini", "init_from=x.pt"]])
+def test_configs_and_presets_instantiate(tmp_path, overrides):
+    import hydra
+
+    cfg = compose_config([*overrides, "data.root=/nonexistent"], tmp_path)
+    name = "ptq" if "compression=[ptq]" in overrides else "qat"
+    callback = hydra.utils.instantiate(cfg.callbacks[name])
+    assert isinstance(callback, PostTrainingQuantization if name == "ptq" else QuantizationAwareTraining)
+    if overrides[0].startswith("experiment=qat_resnet20"):
+        assert (callback.start_epoch, callback.freeze_observers_epoch, callback.fold_bn) == (120, 150, True)
