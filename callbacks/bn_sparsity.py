@@ -18,7 +18,7 @@ from torch import nn
 
 from compression.layer_selection import select_layers
 
-KEY = "compression.bn_sparsity"
+KEY = "callbacks.bn_sparsity"
 BN_TYPES: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 

@@ -21,7 +21,7 @@ from callbacks.magnitude_pruning import example_input
 from compression.channel_removal import check_removable, remove_channels
 from compression.masks import check_choice, check_sparsity
 
-KEY = "compression.slimming"
+KEY = "callbacks.slimming"
 CRITERIA = ("gamma", "running_var")
 
 

@@ -19,7 +19,7 @@ from compression import low_rank
 from compression.layer_selection import select_layers
 from evaluation.model_stats import count_flops, count_parameters
 
-KEY = "compression.lowrank"
+KEY = "callbacks.lowrank"
 
 
 class LowRankDecomposition(pl.Callback):

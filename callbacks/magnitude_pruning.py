@@ -30,7 +30,7 @@ from compression.sparse_storage import storage_bytes
 
 GRANULARITIES = ("unstructured", "structured")
 UNITS = ("epoch", "step")
-KEY = "compression.magnitude_pruning"
+KEY = "callbacks.magnitude_pruning"
 
 
 def _check_int(value: Any, key: str, minimum: int) -> int:

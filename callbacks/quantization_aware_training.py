@@ -198,14 +198,14 @@ class QuantizationAwareTraining(QuantizationBase):
                  calibration_batches: int = 8, latency_repeats: int = 30) -> None:
         super().__init__(bits, act_bits, bits_by_pattern, include, exclude, skip_first_last, observer, ema_momentum,
                          export_int8, calibration_batches, latency_repeats)
-        self.start_epoch = _check_epoch(start_epoch, "compression.qat.start_epoch")
-        self.freeze_observers_epoch = _check_epoch(freeze_observers_epoch, "compression.qat.freeze_observers_epoch",
+        self.start_epoch = _check_epoch(start_epoch, "callbacks.qat.start_epoch")
+        self.freeze_observers_epoch = _check_epoch(freeze_observers_epoch, "callbacks.qat.freeze_observers_epoch",
                                                    allow_none=True)
         if self.freeze_observers_epoch is not None and self.freeze_observers_epoch <= self.start_epoch:
-            raise ValueError(f"`compression.qat.freeze_observers_epoch` must be > start_epoch ({self.start_epoch}) "
+            raise ValueError(f"`callbacks.qat.freeze_observers_epoch` must be > start_epoch ({self.start_epoch}) "
                              f"so the observers see data; got {self.freeze_observers_epoch}")
         if not isinstance(fold_bn, bool):
-            raise TypeError(f"`compression.qat.fold_bn` must be true or false; got {fold_bn!r}")
+            raise TypeError(f"`callbacks.qat.fold_bn` must be true or false; got {fold_bn!r}")
         self.fold_bn = fold_bn
         self.bn_pairs: dict[str, str] = {}
 
@@ -224,7 +224,7 @@ class QuantizationAwareTraining(QuantizationBase):
         if trainer.fast_dev_run:  # a smoke run: test falls back to PTQ-style calibration
             return
         if max_epochs is not None and max_epochs >= 0 and self.start_epoch >= max_epochs:
-            raise ValueError(f"`compression.qat.start_epoch` ({self.start_epoch}) must be < trainer.max_epochs "
+            raise ValueError(f"`callbacks.qat.start_epoch` ({self.start_epoch}) must be < trainer.max_epochs "
                              f"({max_epochs}), or QAT never starts")
 
     def _foldable(self, net: nn.Module):
@@ -261,7 +261,7 @@ class QuantizationAwareTraining(QuantizationBase):
             bn.is_folded = bool(bn.folded)
         missing = self.unobserved(pl_module.net)
         if missing:  # training stopped before start_epoch (fast_dev_run, early stop): calibrate as PTQ does
-            rank_zero_warn(f"compression.qat: {len(missing)} layers were never observed (training ended before "
+            rank_zero_warn(f"callbacks.qat: {len(missing)} layers were never observed (training ended before "
                            f"start_epoch={self.start_epoch}); calibrating them on {self.calibration_batches} "
                            "training batches, as PTQ does")
             self.calibrate(trainer, pl_module)

@@ -30,7 +30,7 @@ from compression.huffman import layer_storage_bits
 from compression.kmeans import check_bits, cluster_weight
 from compression.layer_selection import select_layers
 
-KEY = "compression.cluster"
+KEY = "callbacks.cluster"
 GRADIENTS = ("sum", "mean")
 
 
@@ -118,13 +118,13 @@ class WeightClustering(pl.Callback):
                 raise ValueError("compression lists `cluster` twice; one clustering callback per run")
             if isinstance(other, LowRankDecomposition) and other.at_epoch > 0 and other.at_epoch >= self.at_epoch:
                 raise ValueError(
-                    f"`compression.lowrank.at_epoch` ({other.at_epoch}) must be 0 or before "
+                    f"`callbacks.lowrank.at_epoch` ({other.at_epoch}) must be 0 or before "
                     f"`{KEY}.at_epoch` ({self.at_epoch}): decomposing clustered layers would undo the clustering")
             last = _last_pruning_epoch(other)
             if last is not None and last >= self.at_epoch:
                 raise ValueError(
                     f"pruning must end before clustering (Han et al.: prune, retrain, then cluster): the last "
-                    f"pruning event of `compression.magnitude_pruning` is at epoch {last}, so set "
+                    f"pruning event of `callbacks.magnitude_pruning` is at epoch {last}, so set "
                     f"`{KEY}.at_epoch` to {last + 1} or more; got {self.at_epoch}")
 
     def _select(self, net: nn.Module) -> dict[str, nn.Module]:

@@ -178,23 +178,23 @@ def test_resume_after_clustering_equals_uninterrupted(tmp_path):
 
 @pytest.mark.parametrize("bits", [0, 17, 2.5, True])
 def test_bits_outside_1_to_16_is_rejected(tiny_config, bits):
-    with pytest.raises(ValueError, match=r"`compression\.cluster\.bits` must be an int in 1\.\.16.*got " + str(bits)):
+    with pytest.raises(ValueError, match=r"`callbacks\.cluster\.bits` must be an int in 1\.\.16.*got " + str(bits)):
         build(tiny_config("compression=[cluster]", f"callbacks.cluster.bits={bits}"))
 
 
 def test_pattern_matching_no_layer_fails_before_training(tiny_config):
     datamodule, module, trainer = build(tiny_config(*TINY_NET, "compression=[cluster]",
                                                     "callbacks.cluster.include=[blocks.*]"))
-    with pytest.raises(ValueError, match=r"compression\.cluster: pattern 'blocks\.\*' matches no"):
+    with pytest.raises(ValueError, match=r"callbacks\.cluster: pattern 'blocks\.\*' matches no"):
         trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 0
 
 
 @pytest.mark.parametrize("override, message", [
-    ("callbacks.cluster.gradient=median", r"`compression\.cluster\.gradient` must be one of sum, mean; got 'median'"),
-    ("callbacks.cluster.lr=-1", r"`compression\.cluster\.lr` must be a positive number"),
-    ("callbacks.cluster.gap_bits_fc=0", r"`compression\.cluster\.gap_bits_fc` must be an int in 1\.\.16"),
-    ("callbacks.cluster.include=fc1", r"`compression\.cluster\.include` must be a list"),
+    ("callbacks.cluster.gradient=median", r"`callbacks\.cluster\.gradient` must be one of sum, mean; got 'median'"),
+    ("callbacks.cluster.lr=-1", r"`callbacks\.cluster\.lr` must be a positive number"),
+    ("callbacks.cluster.gap_bits_fc=0", r"`callbacks\.cluster\.gap_bits_fc` must be an int in 1\.\.16"),
+    ("callbacks.cluster.include=fc1", r"`callbacks\.cluster\.include` must be a list"),
 ])
 def test_other_bad_arguments_are_rejected(tiny_config, override, message):
     with pytest.raises(ValueError, match=message):
@@ -203,19 +203,19 @@ def test_other_bad_arguments_are_rejected(tiny_config, override, message):
 
 def test_clustering_epoch_after_the_last_epoch_is_an_error(tiny_config):
     datamodule, module, trainer = build(tiny_config(*TINY_NET, "compression=[cluster]", "callbacks.cluster.at_epoch=1"))
-    with pytest.raises(ValueError, match=r"`compression\.cluster\.at_epoch` \(1\) must be < trainer\.max_epochs \(1\)"):
+    with pytest.raises(ValueError, match=r"`callbacks\.cluster\.at_epoch` \(1\) must be < trainer\.max_epochs \(1\)"):
         trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 0
 
 
 def test_low_rank_after_clustering_is_rejected(tiny_config):
-    with pytest.raises(ValueError, match=r"`compression\.lowrank\.at_epoch` \(2\) must be 0 or before"):
+    with pytest.raises(ValueError, match=r"`callbacks\.lowrank\.at_epoch` \(2\) must be 0 or before"):
         build(tiny_config("compression=[cluster,lowrank]", "callbacks.cluster.at_epoch=1",
                           "callbacks.lowrank.at_epoch=2"))
 
 
 def test_clustering_before_the_last_pruning_event_is_rejected(tiny_config):
-    with pytest.raises(ValueError, match=r"pruning must end before clustering.*epoch 2.*`compression\.cluster\.at_epoch` "
+    with pytest.raises(ValueError, match=r"pruning must end before clustering.*epoch 2.*`callbacks\.cluster\.at_epoch` "
                                          r"to 3 or more; got 1"):
         build(tiny_config("compression=[magnitude_pruning,cluster]", "callbacks.magnitude_pruning.schedule=iterative",
                           "callbacks.magnitude_pruning.times=2", "callbacks.magnitude_pruning.every=2",

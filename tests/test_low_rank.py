@@ -129,12 +129,12 @@ def test_resume_after_decomposition_equals_uninterrupted(tmp_path):
 # ----- bad input: clear errors before training ----------------------------------------------------
 
 @pytest.mark.parametrize("overrides, message", [
-    (["callbacks.lowrank.rank=8"], r"set exactly one of `compression\.lowrank\.rank` and `compression\.lowrank\.energy`"),
+    (["callbacks.lowrank.rank=8"], r"set exactly one of `callbacks\.lowrank\.rank` and `callbacks\.lowrank\.energy`"),
     (["callbacks.lowrank.energy=null"], r"set exactly one of"),
-    (["callbacks.lowrank.energy=1.5"], r"`compression\.lowrank\.energy` must be in \(0, 1\].*got 1\.5"),
-    (["callbacks.lowrank.energy=null", "callbacks.lowrank.rank=0"], r"`compression\.lowrank\.rank` must be an int >= 1"),
-    (["callbacks.lowrank.lr=0.01"], r"`compression\.lowrank\.lr` only applies .* at_epoch > 0"),
-    (["callbacks.lowrank.at_epoch=-1"], r"`compression\.lowrank\.at_epoch` must be an int >= 0; got -1"),
+    (["callbacks.lowrank.energy=1.5"], r"`callbacks\.lowrank\.energy` must be in \(0, 1\].*got 1\.5"),
+    (["callbacks.lowrank.energy=null", "callbacks.lowrank.rank=0"], r"`callbacks\.lowrank\.rank` must be an int >= 1"),
+    (["callbacks.lowrank.lr=0.01"], r"`callbacks\.lowrank\.lr` only applies .* at_epoch > 0"),
+    (["callbacks.lowrank.at_epoch=-1"], r"`callbacks\.lowrank\.at_epoch` must be an int >= 0; got -1"),
 ])
 def test_bad_arguments_are_rejected(tiny_config, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -143,7 +143,7 @@ def test_bad_arguments_are_rejected(tiny_config, overrides, message):
 
 def test_pattern_matching_no_layer_fails_before_training(tiny_config):
     datamodule, module, trainer = build(tiny_config(*TINY_NET, "compression=[lowrank]", "callbacks.lowrank.exclude=[head.*]"))
-    with pytest.raises(ValueError, match=r"compression\.lowrank: pattern 'head\.\*' matches no"):
+    with pytest.raises(ValueError, match=r"callbacks\.lowrank: pattern 'head\.\*' matches no"):
         trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 0
 

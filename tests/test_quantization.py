@@ -114,18 +114,18 @@ def test_bn_fold_keeps_eval_output_and_quantizes_folded_weights():
 
 @pytest.mark.parametrize("bits", [0, 1, 17, 8.0, True])
 def test_bits_outside_2_to_16_are_rejected(bits):
-    with pytest.raises(ValueError, match=rf"`compression\.qat\.bits` must be an int in 2\.\.16; got {bits!r}"):
+    with pytest.raises(ValueError, match=rf"`callbacks\.qat\.bits` must be an int in 2\.\.16; got {bits!r}"):
         QuantizationAwareTraining(bits=bits)
-    with pytest.raises(ValueError, match=r"`compression\.ptq\.bits_by_pattern\['layer3\.\*'\]` must be an int in 2\.\.16"):
+    with pytest.raises(ValueError, match=r"`callbacks\.ptq\.bits_by_pattern\['layer3\.\*'\]` must be an int in 2\.\.16"):
         PostTrainingQuantization(bits_by_pattern={"layer3.*": 17})
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"observer": "max"}, r"`compression\.qat\.observer` must be one of minmax, ema; got 'max'"),
-    ({"ema_momentum": 0}, r"`compression\.qat\.ema_momentum` must be in \(0, 1\]; got 0"),
-    ({"start_epoch": -1}, r"`compression\.qat\.start_epoch` must be an int >= 0; got -1"),
+    ({"observer": "max"}, r"`callbacks\.qat\.observer` must be one of minmax, ema; got 'max'"),
+    ({"ema_momentum": 0}, r"`callbacks\.qat\.ema_momentum` must be in \(0, 1\]; got 0"),
+    ({"start_epoch": -1}, r"`callbacks\.qat\.start_epoch` must be an int >= 0; got -1"),
     ({"start_epoch": 2, "freeze_observers_epoch": 2}, r"freeze_observers_epoch` must be > start_epoch \(2\)"),
-    ({"calibration_batches": 0}, r"`compression\.qat\.calibration_batches` must be an int >= 1; got 0"),
+    ({"calibration_batches": 0}, r"`callbacks\.qat\.calibration_batches` must be an int >= 1; got 0"),
 ])
 def test_bad_arguments_are_rejected_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -134,9 +134,9 @@ def test_bad_arguments_are_rejected_at_construction(kwargs, message):
 
 def test_patterns_that_match_nothing_fail_before_training(tiny_config):
     for override, message in [
-        ("callbacks.qat.include=[nolayer*]", r"compression\.qat: pattern 'nolayer\*' matches no"),
+        ("callbacks.qat.include=[nolayer*]", r"callbacks\.qat: pattern 'nolayer\*' matches no"),
         ("++callbacks.qat.bits_by_pattern={nolayer*: 4}",
-         r"compression\.qat\.bits_by_pattern: pattern 'nolayer\*' matches no quantized layer"),
+         r"callbacks\.qat\.bits_by_pattern: pattern 'nolayer\*' matches no quantized layer"),
     ]:
         cfg = tiny_config("compression=[qat]", override)
         datamodule, module, trainer = build(cfg)
@@ -158,7 +158,7 @@ def test_unsupported_layer_is_named_with_the_fix():
 
     callback = QuantizationAwareTraining(include=["*"])
     with pytest.raises(ValueError, match=r"layer 'mix' is a Conv1d, which fake quantization does not support.*"
-                                         r"compression\.qat\.exclude=\['mix'\]"):
+                                         r"callbacks\.qat\.exclude=\['mix'\]"):
         callback.setup(None, SimpleNamespace(net=WithConv1d()), "fit")
     QuantizationAwareTraining(exclude=["mix"]).quantize_net(WithConv1d())  # the suggested fix works
 
@@ -166,9 +166,9 @@ def test_unsupported_layer_is_named_with_the_fix():
 def test_start_after_last_epoch_and_qat_with_ptq_are_rejected(tiny_config):
     cfg = tiny_config("compression=[qat]", "callbacks.qat.start_epoch=1")
     datamodule, module, trainer = build(cfg)
-    with pytest.raises(ValueError, match=r"`compression\.qat\.start_epoch` \(1\) must be < trainer\.max_epochs \(1\)"):
+    with pytest.raises(ValueError, match=r"`callbacks\.qat\.start_epoch` \(1\) must be < trainer\.max_epochs \(1\)"):
         trainer.fit(module, datamodule=datamodule)
-    with pytest.raises(ValueError, match=r"compression\.qat and compression\.ptq both quantize"):
+    with pytest.raises(ValueError, match=r"callbacks\.qat and callbacks\.ptq both quantize"):
         build(tiny_config("compression=[qat,ptq]"))
 
 

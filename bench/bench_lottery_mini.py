@@ -1,0 +1,80 @@
+"""The CPU mini Lottery-Ticket study end to end: one sweep, its wall time, the report table and plots.
+
+    python bench/bench_lottery_mini.py --data-root ../shared/data/cifar10-jpeg --threads 2 --publish
+
+Runs ``python run.py -m experiment=lth_resnet20_cifar10_mini`` (2 seeds x 3 IMP rounds x
+{rewind k=0, reinit, random_prune}) into a fresh sweep folder with a fresh stage store, so the
+dense runs and IMP rounds are trained inside the measured time, then prints the wall time, how
+many trainings the shared stages saved, and the report (mean +- std over seeds). ``--threads``
+sets OMP/torch threads of the jobs: the machine's cores are shared, so quote figures together
+with the load they ran under. ``--publish`` copies the table and plots to docs/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", default=str(ROOT.parent / "shared/data/cifar10-jpeg"))
+    parser.add_argument("--threads", type=int, default=2, help="torch/OMP threads per job (cores are shared)")
+    parser.add_argument("--out", default=str(ROOT / "logs/bench_lottery_mini"))
+    parser.add_argument("--experiment", default="lth_resnet20_cifar10_mini")
+    parser.add_argument("--publish", action="store_true", help="copy report.md/csv/png to docs/results/")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / "run.py"), "-m", f"experiment={args.experiment}", f"data.root={args.data_root}",
+           f"hydra.sweep.dir={out}", f"paths.store_dir={out}/store", *args.overrides]
+    print("command:", " ".join(cmd[1:]), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env)
+    wall = time.perf_counter() - start
+
+    from report import collect, make_report
+
+    rows, failed = collect(out)
+    stages = sorted((out / "store").glob("*-*[0-9a-f]"))
+    stage_times = {s.name.split("-")[0]: [] for s in stages}
+    for s in stages:
+        metrics = s / "metrics.json"
+        if metrics.is_file() and "train_time_s" in json.loads(metrics.read_text()):
+            stage_times[s.name.split("-")[0]].append(json.loads(metrics.read_text())["train_time_s"])
+    job_times = [r["train_time_s"] for r in rows if not r.get("reused")]
+    trainings = sum(len(v) for v in stage_times.values()) + len(job_times)
+    naive = len(rows) * 2 + sum(r["round"] - 1 for r in rows)  # no sharing: dense + IMP chain + retrain per job
+    print(f"\nexit code {proc.returncode}; wall time {wall / 60:.1f} min for {len(rows)} jobs ok, "
+          f"{len(failed)} failed; {trainings} trainings run (without shared stages: {naive})")
+    print(f"{'what':<12}{'n':>4}{'mean train s':>14}")
+    for kind, times in [*stage_times.items(), ("job retrain", job_times)]:
+        if times:
+            print(f"{kind:<12}{len(times):>4}{sum(times) / len(times):>14.1f}")
+    written = make_report(out)
+    print((out / "report.md").read_text())
+    if args.publish:
+        dest = ROOT / "docs/results" / args.experiment
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in written:
+            shutil.copy(path, dest / path.name)
+        (dest / "bench.txt").write_text(f"command: python bench/bench_lottery_mini.py --threads {args.threads}\n"
+                                        f"wall_min: {wall / 60:.1f}\njobs_ok: {len(rows)}\njobs_failed: {len(failed)}\n"
+                                        f"trainings: {trainings}\ntrainings_without_sharing: {naive}\n")
+        print("published to", dest)
+
+
+if __name__ == "__main__":
+    main()

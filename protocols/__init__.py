@@ -1,0 +1,15 @@
+"""Multi-stage experiment protocols (train dense -> prune -> retrain) built from run.py's machinery.
+
+``run.train`` hands a job to ``run_protocol(cfg)`` when ``cfg.protocol`` is set; the protocol
+returns the same ``(results, objects)`` as a plain run, so results.json, measuring and the
+loggers work unchanged.
+"""
+from __future__ import annotations
+
+
+def run_protocol(cfg):
+    """Instantiate ``cfg.protocol`` and run it on the job's config."""
+    import hydra
+
+    protocol = hydra.utils.instantiate(cfg.protocol)
+    return protocol.run(cfg)

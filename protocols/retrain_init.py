@@ -1,0 +1,90 @@
+"""Where the retraining of a pruned network starts, and for how long (Frankle & Carbin 2019; Liu et al. 2019).
+
+* rewind: surviving weights reset to their value at step k of the dense run, pruned ones 0;
+* reinit: a fresh random init (another seed) under the same mask (LTH's "random reinit",
+  Rethinking's "scratch" training), for the same epochs (Scratch-E) or the same compute
+  (Scratch-B: epochs x dense FLOPs / pruned FLOPs, optionally capped);
+* random_prune: a random mask with each layer's pruned count unchanged (the ShrinkBench baseline);
+* finetune: the trained weights themselves, masked.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from evaluation.model_stats import count_flops
+
+
+def masked_state(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each masked layer's ``<name>.weight`` multiplied by its keep-mask."""
+    out = {k: v.clone() for k, v in state.items()}
+    for name, mask in masks.items():
+        key = f"{name}.weight"
+        if key not in out:
+            raise ValueError(f"the mask names layer '{name}' but the weights have no '{key}'")
+        out[key] = out[key] * mask.to(out[key].dtype)
+    return out
+
+
+def random_masks_like(masks: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Random keep-masks with exactly as many kept weights per layer as ``masks`` (seeded)."""
+    generator = torch.Generator().manual_seed(int(seed))
+    out = {}
+    for name, mask in masks.items():
+        keep = int(mask.sum())
+        flat = torch.zeros(mask.numel(), dtype=torch.bool)
+        flat[torch.randperm(mask.numel(), generator=generator)[:keep]] = True
+        out[name] = flat.view_as(mask)
+    return out
+
+
+def scratch_b_epochs(epochs: int, dense_flops: float, pruned_flops: float, max_factor: float | None = None) -> int:
+    """Scratch-B budget (Liu et al. 2019, sec. 4): ``round(epochs * dense_flops / pruned_flops)``,
+    the factor capped at ``max_factor`` when given (the paper caps ImageNet at 2x)."""
+    if epochs < 1 or dense_flops <= 0 or pruned_flops <= 0:
+        raise ValueError(f"Scratch-B needs epochs >= 1 and positive FLOPs; got epochs={epochs}, "
+                         f"dense_flops={dense_flops}, pruned_flops={pruned_flops}")
+    factor = dense_flops / pruned_flops
+    if max_factor is not None:
+        factor = min(factor, float(max_factor))
+    return max(1, int(math.floor(epochs * factor + 0.5)))
+
+
+def layer_flops(net: nn.Module, input_size: tuple[int, int, int]) -> dict[str, int]:
+    """Dense FLOPs (2 per multiply-add) of each Conv2d / Linear for one image."""
+    flops: dict[str, int] = {}
+    handles = []
+    for name, module in net.named_modules():
+        if isinstance(module, nn.Conv2d):
+            def hook(m, inputs, output, name=name):
+                k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
+                flops[name] = 2 * output[0].numel() * k
+            handles.append(module.register_forward_hook(hook))
+        elif isinstance(module, nn.Linear):
+            def hook(m, inputs, output, name=name):
+                flops[name] = 2 * output[0].numel() * m.in_features
+            handles.append(module.register_forward_hook(hook))
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, *input_size, device=next(net.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+        net.train(was_training)
+    return flops
+
+
+def effective_flops(net: nn.Module, masks: Mapping[str, torch.Tensor] | None, input_size: tuple[int, int, int]) -> int:
+    """FLOPs of one forward pass counting only unpruned weights of masked layers (what a sparse
+    kernel would do; Rethinking's Scratch-B budget for unstructured pruning)."""
+    total = count_flops(net, input_size)
+    if not masks:
+        return total
+    per_layer = layer_flops(net, input_size)
+    saved = sum(per_layer[name] * (1.0 - float(mask.float().mean())) for name, mask in masks.items()
+                if name in per_layer)
+    return int(round(total - saved))

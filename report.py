@@ -1,0 +1,220 @@
+"""Summarise a sweep: mean +- std over seeds per method x sparsity, failed jobs, and plots.
+
+    python report.py logs/lth_resnet20_cifar10_mini/multiruns/<date>_<time>   [--out DIR] [--title T]
+
+Reads every ``results.json`` under the folder (one per job, written by run.py also when a job
+fails) and writes ``report.md``, ``report.csv``, ``acc_vs_remaining.png`` (test accuracy vs the
+fraction of prunable weights remaining, log scale, one line per start method with a +-1 std
+band, the unpruned dense nets as a dashed line) and ``acc_vs_flops.png`` (the same against
+the FLOPs of one forward pass, counting only unpruned weights). Failed or killed jobs (a job
+folder without ``results.json``) are listed in the report, never dropped silently. The std is
+the sample standard deviation (n - 1), blank for n = 1. The layout follows the figures of
+Frankle & Carbin 2019 and Liu et al. 2019.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+RESULTS = "results.json"
+OUTPUTS = ("report.md", "report.csv", "acc_vs_remaining.png", "acc_vs_flops.png")
+DENSE_LABEL = "dense (unpruned)"
+
+
+def _get(config: dict, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _row(path: Path, r: dict) -> dict:
+    config = r.get("config") or {}
+    sparsity = r.get("lottery/sparsity", r.get("compress/sparsity")) or 0.0
+    return {
+        "dir": str(path.parent), "label": r.get("lottery/label") or r.get("lottery/method") or "run",
+        "method": r.get("lottery/method") or "run", "lr": _get(config, "optimizer.lr"), "seed": r.get("seed"),
+        "model": r.get("model_name"), "round": r.get("lottery/round", 0) or 0, "sparsity": float(sparsity),
+        "remaining": 1.0 - float(sparsity), "acc1": r.get("test/acc1"),
+        "flops": r.get("lottery/effective_flops", r.get("flops")), "dense_acc1": r.get("lottery/dense_test_acc1"),
+        "dense_flops": r.get("lottery/dense_flops"), "dense_key": r.get("lottery/dense_key"),
+        "train_time_s": r.get("train_time_s"), "reused": bool(r.get("lottery/reused_stage")),
+    }
+
+
+def _job_dirs(root: Path) -> Iterable[Path]:
+    """Hydra job folders (they hold .hydra/) under root."""
+    return sorted(p.parent for p in root.rglob(".hydra") if p.is_dir() and p.parent != root)
+
+
+def collect(root: str | Path) -> tuple[list[dict], list[dict]]:
+    """(rows of successful jobs, failed jobs as {dir, error}) under ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"report: {str(root)!r} is not a folder; pass a multirun folder "
+                                "(logs/<task_name>/multiruns/<date>_<time>)")
+    rows, failed, seen = [], [], set()
+    for path in sorted(root.rglob(RESULTS)):
+        seen.add(path.parent)
+        try:
+            r = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            failed.append({"dir": str(path.parent), "error": f"unreadable results.json: {exc}"})
+            continue
+        if r.get("status") != "ok" or r.get("test/acc1") is None:
+            status = r.get("status")
+            why = "still running, or killed without a trace" if status == "running" else f"status {status!r}"
+            failed.append({"dir": str(path.parent), "error": r.get("error") or why})
+            continue
+        rows.append(_row(path, r))
+    for job in _job_dirs(root):
+        if job not in seen:
+            failed.append({"dir": str(job), "error": "no results.json (killed before it was written?)"})
+    if len({row["lr"] for row in rows}) > 1:  # a sweep over lr: one line per (method, lr)
+        for row in rows:
+            row["label"] = f"{row['label']} lr={row['lr']}"
+    return rows, failed
+
+
+def _stats(values: list[float]) -> tuple[float, float | None]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One line per (label, sparsity): n, mean/std of test acc1, mean remaining fraction and FLOPs.
+
+    The unpruned dense nets the jobs started from (``lottery/dense_test_acc1``, one per seed, model
+    and lr) form a ``dense (unpruned)`` line at sparsity 0.
+    """
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["label"], round(row["sparsity"], 4))].append(row)
+    dense: dict[tuple, dict] = {}
+    for row in rows:
+        if row["dense_acc1"] is not None and row["method"] != "dense":
+            suffix = f" lr={row['lr']}" if row["label"].endswith(f" lr={row['lr']}") else ""
+            # one dense net per (seed, lr, model) of the sweep (its stage key can change with config
+            # spellings that do not change the run, so it is not used to tell dense nets apart)
+            dense[(row["seed"], row["model"], suffix)] = {"label": DENSE_LABEL + suffix, "acc1": row["dense_acc1"],
+                                                 "remaining": 1.0, "sparsity": 0.0, "flops": row["dense_flops"]}
+    for d in dense.values():
+        groups[(d["label"], 0.0)].append(d)
+    table = []
+    for (label, sparsity), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        mean, std = _stats([float(m["acc1"]) for m in members])
+        flops = [m["flops"] for m in members if m.get("flops") is not None]
+        table.append({"label": label, "sparsity": sparsity, "remaining": 1.0 - sparsity, "n": len(members),
+                      "acc1_mean": mean, "acc1_std": std, "flops_mean": statistics.fmean(flops) if flops else None})
+    return table
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def write_csv(table: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "sparsity", "remaining", "n", "test_acc1_mean", "test_acc1_std", "flops_mean"])
+        for t in table:
+            writer.writerow([t["label"], f"{t['sparsity']:.4f}", f"{t['remaining']:.4f}", t["n"],
+                             f"{t['acc1_mean']:.6f}", _fmt(t["acc1_std"], ".6f"), _fmt(t["flops_mean"], ".0f")])
+
+
+def write_markdown(table: list[dict], failed: list[dict], path: Path, title: str, root: Path) -> None:
+    lines = [f"# {title}", "", f"Sweep folder: `{root}`; regenerate with `python report.py {root}`.", "",
+             "Test top-1 accuracy (%), mean +- sample std over seeds (n runs).", "",
+             "| method | weights remaining | n | test acc1 (%) | FLOPs (M) |", "|---|---:|---:|---:|---:|"]
+    for t in table:
+        std = f" +- {100 * t['acc1_std']:.2f}" if t["acc1_std"] is not None else ""
+        flops = _fmt(t["flops_mean"] / 1e6 if t["flops_mean"] else None, ".2f")
+        lines.append(f"| {t['label']} | {100 * t['remaining']:.1f}% | {t['n']} | {100 * t['acc1_mean']:.2f}{std} "
+                     f"| {flops} |")
+    lines += ["", f"Failed jobs: {len(failed)}"]
+    lines += [f"- `{f['dir']}`: {f['error'].splitlines()[0] if f['error'] else ''}" for f in failed]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _plot(table: list[dict], x_key: str, xlabel: str, path: Path, title: str, invert: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ticks: set[float] = set()
+    lines: dict[str, list[dict]] = defaultdict(list)
+    for t in table:
+        lines[t["label"]].append(t)
+    for label, points in sorted(lines.items()):
+        points = sorted((p for p in points if p.get(x_key)), key=lambda p: p[x_key])
+        if not points:
+            continue
+        xs = [p[x_key] * (100 if x_key == "remaining" else 1) for p in points]
+        mean = [100 * p["acc1_mean"] for p in points]
+        std = [100 * (p["acc1_std"] or 0.0) for p in points]
+        if label.startswith(DENSE_LABEL) and x_key == "remaining":
+            line = ax.axhline(mean[0], linestyle="--", color="gray", label=label)
+            ax.axhspan(mean[0] - std[0], mean[0] + std[0], color=line.get_color(), alpha=0.12)
+            continue
+        ticks.update(xs)
+        (line,) = ax.plot(xs, mean, marker="o", label=label)
+        ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=line.get_color(), alpha=0.18)
+    ax.set_xscale("log")
+    if ticks:  # label the measured points in plain numbers (% left, or MFLOPs)
+        ax.set_xticks(sorted(ticks))
+        scale = 1 if x_key == "remaining" else 1e-6
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v * scale:.3g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    if invert:
+        ax.invert_xaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test top-1 accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def make_report(root: str | Path, out: str | Path | None = None, title: str | None = None) -> list[Path]:
+    """Write report.md, report.csv and the two PNGs for the sweep under ``root``; returns their paths."""
+    root = Path(root)
+    rows, failed = collect(root)
+    out = Path(out) if out else root
+    out.mkdir(parents=True, exist_ok=True)
+    title = title or f"Pruning report: {root.name}"
+    table = aggregate(rows)
+    paths = [out / name for name in OUTPUTS]
+    write_markdown(table, failed, paths[0], title, root)
+    write_csv(table, paths[1])
+    _plot(table, "remaining", "weights remaining (%) of the pruned layers, log scale", paths[2], title, invert=True)
+    _plot(table, "flops_mean", "MFLOPs per image (unpruned weights only), log scale", paths[3], title, invert=True)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Summarise a pruning sweep (results.json files) as tables and plots.")
+    parser.add_argument("folder", help="a multirun folder (or any folder holding results.json files)")
+    parser.add_argument("--out", default=None, help="where to write the report (default: the folder itself)")
+    parser.add_argument("--title", default=None)
+    args = parser.parse_args(argv)
+    for path in make_report(args.folder, args.out, args.title):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""report.py on a folder of small fake results: means, sample std, n, failed jobs listed, PNGs written."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from evaluation.results import write_results
+from protocols.hydra_report_callback import ReportOnMultirun
+from report import DENSE_LABEL, aggregate, collect, make_report
+from report import main as report_main
+
+ACC = {  # (method, sparsity) -> test acc1 of seeds 0, 1, 2
+    ("rewind k=0", 0.2): [0.90, 0.92, 0.94],
+    ("rewind k=0", 0.488): [0.85, 0.86, 0.90],
+    ("reinit (Scratch-E)", 0.2): [0.88, 0.89, 0.87],
+    ("reinit (Scratch-E)", 0.488): [0.80, 0.70, 0.75],
+}
+DENSE = {0: 0.91, 1: 0.93, 2: 0.92}
+
+
+def fake_job(folder: Path, label: str, sparsity: float, seed: int, acc: float | None, status: str = "ok") -> None:
+    (folder / ".hydra").mkdir(parents=True)
+    write_results(folder, {
+        "status": status, "error": None if status == "ok" else "RuntimeError: CUDA out of memory", "seed": seed,
+        "model_name": "resnet20_cifar", "test/acc1": acc, "flops": 1000, "lottery/method": label.split()[0],
+        "lottery/label": label, "lottery/sparsity": sparsity, "lottery/round": 1,
+        "lottery/effective_flops": 1000 * (1 - sparsity), "lottery/dense_flops": 1000,
+        "lottery/dense_test_acc1": DENSE[seed], "lottery/dense_key": f"dense-{seed}",
+        "config": {"optimizer": {"lr": 0.01}}})
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    n = 0
+    for (label, sparsity), accs in ACC.items():
+        for seed, acc in enumerate(accs):
+            fake_job(tmp_path / str(n), label, sparsity, seed, acc)
+            n += 1
+    fake_job(tmp_path / str(n), "rewind k=0", 0.738, 0, None, status="failed")
+    (tmp_path / str(n + 1) / ".hydra").mkdir(parents=True)  # a killed job: no results.json at all
+    return tmp_path
+
+
+def reference(values):
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def test_report_means_std_and_failed_jobs(sweep):
+    written = make_report(sweep, title="fake")
+    rows = {(r["method"], round(float(r["sparsity"]), 4)): r for r in csv.DictReader((sweep / "report.csv").open())}
+    assert len(rows) == len(ACC) + 1
+    for (label, sparsity), accs in ACC.items():
+        row = rows[(label, sparsity)]
+        mean, std = reference(accs)
+        assert int(row["n"]) == 3
+        assert float(row["test_acc1_mean"]) == pytest.approx(mean, abs=1e-6)
+        assert float(row["test_acc1_std"]) == pytest.approx(std, abs=1e-6)
+        assert float(row["remaining"]) == pytest.approx(1 - sparsity, abs=1e-4)
+    dense = rows[(DENSE_LABEL, 0.0)]
+    assert int(dense["n"]) == 3 and float(dense["test_acc1_mean"]) == pytest.approx(reference(list(DENSE.values()))[0])
+    md = (sweep / "report.md").read_text()
+    assert "Failed jobs: 2" in md and "CUDA out of memory" in md and "no results.json" in md
+    assert "| rewind k=0 | 51.2% | 3 | 87.00 +- 2.65 |" in md
+    for path in written:
+        assert path.is_file() and path.stat().st_size > 0
+    for png in ("acc_vs_remaining.png", "acc_vs_flops.png"):
+        assert (sweep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_single_seed_has_no_std_and_lr_sweeps_split_lines(tmp_path):
+    fake_job(tmp_path / "a", "rewind k=0", 0.2, 0, 0.5)
+    fake_job(tmp_path / "b", "rewind k=0", 0.2, 1, 0.7)
+    data = json.loads((tmp_path / "b" / "results.json").read_text())
+    data["config"]["optimizer"]["lr"] = 0.1
+    write_results(tmp_path / "b", data)
+    rows, failed = collect(tmp_path)
+    assert failed == [] and sorted(r["label"] for r in rows) == ["rewind k=0 lr=0.01", "rewind k=0 lr=0.1"]
+    table = [t for t in aggregate(rows) if not t["label"].startswith(DENSE_LABEL)]
+    assert [t["n"] for t in table] == [1, 1] and all(t["acc1_std"] is None for t in table)
+
+
+def test_report_cli_hydra_callback_and_missing_folder(sweep, tmp_path, capsys):
+    out = tmp_path / "out_elsewhere"
+    report_main([str(sweep), "--out", str(out)])  # python report.py <folder> --out <dir>
+    assert str(out / "report.md") in capsys.readouterr().out
+    assert (out / "report.md").is_file() and (out / "acc_vs_remaining.png").is_file()
+    # the Hydra callback writes the same report into the sweep folder when a multirun ends
+    ReportOnMultirun(title="from hydra").on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    assert (sweep / "report.md").read_text().startswith("# from hydra")
+    with pytest.raises(ValueError, match="hydra.callbacks.report.title"):
+        ReportOnMultirun(title=3)
+    with pytest.raises(FileNotFoundError, match="is not a folder; pass a multirun folder"):
+        make_report(tmp_path / "nope")
