@@ -36,7 +36,7 @@ from callbacks.bn_sparsity import BNGammaSparsity  # noqa: E402
 from callbacks.channel_slimming import slimming_masks  # noqa: E402
 from callbacks.magnitude_pruning import MagnitudePruning  # noqa: E402
 from compression.channel_removal import remove_channels  # noqa: E402
-from evaluation.model_stats import count_flops  # noqa: E402
+from evaluation.model_stats import count_flops, measure_latency_ms  # noqa: E402
 from models.factory import create_model  # noqa: E402
 
 
@@ -141,17 +141,8 @@ def slimmed_vgg(ratio: float, seed: int = 0) -> nn.Module:
 
 def latency_ms(net: nn.Module, batch: int, memory_format: torch.memory_format, repeats: int) -> float:
     """Median CPU forward time (inference mode) in the given memory format, after 2 warm-up passes."""
-    net = net.to(memory_format=memory_format)
-    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=memory_format)
-    times = []
-    with torch.inference_mode():
-        for _ in range(2):
-            net(x)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            net(x)
-            times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    return measure_latency_ms(net, (3, 32, 32), batch_size=batch, warmup=2, repeats=repeats,
+                              memory_format=memory_format)
 
 
 def slimming_table(repeats: int) -> None:

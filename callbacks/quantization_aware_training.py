@@ -60,7 +60,7 @@ class QuantizationBase(pl.Callback):
                  observer: str = "minmax", ema_momentum: float = 0.01, export_int8: bool = True,
                  calibration_batches: int = 8, latency_repeats: int = 30) -> None:
         super().__init__()
-        key = f"compression.{self.name}"
+        key = f"callbacks.{self.name}"
         self.bits = fq.check_bits(bits, f"{key}.bits")
         self.act_bits = None if act_bits is None else fq.check_bits(act_bits, f"{key}.act_bits")
         by_pattern = _plain(bits_by_pattern) or {}
@@ -92,12 +92,12 @@ class QuantizationBase(pl.Callback):
     def check_combination(self, others: list[pl.Callback]) -> None:
         for other in others:
             if isinstance(other, QuantizationBase):
-                raise ValueError(f"compression.{self.name} and compression.{other.name} both quantize the network; "
+                raise ValueError(f"callbacks.{self.name} and callbacks.{other.name} both quantize the network; "
                                  "pick one of them (qat trains with quantization, ptq only calibrates)")
 
     def _select(self, net: nn.Module) -> dict[str, nn.Module]:
         """The layers to quantize; any that has no fake-quant wrapper is an error naming it."""
-        key = f"compression.{self.name}"
+        key = f"callbacks.{self.name}"
         layers = select_layers(net, self.include, self.exclude, self.skip_first_last,
                                types=(nn.modules.conv._ConvNd, nn.Linear), key=key)
         for name, layer in layers.items():
@@ -133,7 +133,7 @@ class QuantizationBase(pl.Callback):
         from compression.int8_export import calibration_batches
 
         if trainer.datamodule is None:
-            raise RuntimeError(f"compression.{self.name}: calibration needs trainer.test(..., datamodule=...)")
+            raise RuntimeError(f"callbacks.{self.name}: calibration needs trainer.test(..., datamodule=...)")
         net = pl_module.net
         was_training = net.training
         net.eval()
@@ -157,9 +157,9 @@ class QuantizationBase(pl.Callback):
             from compression.int8_export import report_int8
 
             if trainer.datamodule is None:
-                raise RuntimeError(f"compression.{self.name}.export_int8 needs trainer.test(..., datamodule=...) "
+                raise RuntimeError(f"callbacks.{self.name}.export_int8 needs trainer.test(..., datamodule=...) "
                                    "(training batches calibrate the export, the test set scores it); "
-                                   f"or set compression.{self.name}.export_int8=false")
+                                   f"or set callbacks.{self.name}.export_int8=false")
 
             report_int8(trainer, pl_module, qnet, self.calibration_batches, self.latency_repeats)
         bits = list(self.layer_bits.values())

@@ -34,10 +34,11 @@ def count_flops(net: nn.Module, input_size: tuple[int, int, int]) -> int:
 
 
 def measure_latency_ms(net: nn.Module, input_size: tuple[int, int, int], batch_size: int = 1,
-                       warmup: int = 5, repeats: int = 30) -> float:
+                       warmup: int = 5, repeats: int = 30,
+                       memory_format: torch.memory_format = torch.contiguous_format) -> float:
     """Median wall time (ms) of one CPU forward pass in inference mode."""
-    model = _cpu_eval_copy(net)
-    x = torch.randn(batch_size, *input_size)
+    model = _cpu_eval_copy(net).to(memory_format=memory_format)
+    x = torch.randn(batch_size, *input_size).contiguous(memory_format=memory_format)
     times = []
     with torch.inference_mode():
         for _ in range(warmup):

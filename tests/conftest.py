@@ -81,3 +81,13 @@ def fit_interrupted(cfg: DictConfig, epochs: int) -> Path:
     trainer.callbacks.append(StopAfterEpochs(epochs))
     trainer.fit(module, datamodule=datamodule)
     return Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+
+
+def assert_same_model_files(dir_a: Path, dir_b: Path) -> dict:
+    """The model.pt of two runs hold bit-identical tensors (resumed == uninterrupted); returns one state_dict."""
+    a = torch.load(Path(dir_a) / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(Path(dir_b) / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    return a

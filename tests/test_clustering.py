@@ -12,7 +12,8 @@ from torch import nn
 import models  # noqa: F401
 from callbacks.weight_clustering import WeightClustering
 from compression.kmeans import cluster_weight, kmeans_1d
-from conftest import TINY, compose_config, fit_interrupted
+from conftest import assert_same_model_files, TINY, compose_config, fit_interrupted
+from test_huffman import merged_weight_sum as reference_huffman_bits
 from models.serialization import load_model
 from run import build, run
 
@@ -123,19 +124,6 @@ def test_distinct_values_stay_at_most_2_to_the_b_after_many_steps(tmp_path):
     assert (module.net.fc1.weight == 0).float().mean() >= 0.5
 
 
-def reference_huffman_bits(counts: list[int]) -> int:
-    """Huffman cost written out: the sum of the weights of all merged nodes (sorted-list merging)."""
-    nodes = sorted(c for c in counts if c > 0)
-    if len(nodes) == 1:
-        return nodes[0]
-    total = 0
-    while len(nodes) > 1:
-        merged = nodes.pop(0) + nodes.pop(0)
-        total += merged
-        nodes = sorted(nodes + [merged])
-    return total
-
-
 def test_results_report_huffman_size_and_ratio(tmp_path):
     bits = 2
     cfg = compose_config([*TINY, *TINY_NET, "optimizer.lr=0.01", "compression=[cluster]", f"callbacks.cluster.bits={bits}",
@@ -167,10 +155,7 @@ def test_resume_after_clustering_equals_uninterrupted(tmp_path):
     straight = run(compose_config(base, tmp_path / "straight"))
     checkpoint = fit_interrupted(compose_config(base, tmp_path / "first"), epochs=2)
     resumed = run(compose_config([*base, f"ckpt_path={checkpoint}"], tmp_path / "resumed"))
-    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)["state_dict"]
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert_same_model_files(tmp_path / "straight", tmp_path / "resumed")
     assert straight["compress/huffman_bytes"] == resumed["compress/huffman_bytes"]
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 import models  # noqa: F401
-from conftest import ROOT, TINY, TINY_RUN, compose_config, fit_interrupted, run_cli
+from conftest import ROOT, assert_same_model_files, TINY, TINY_RUN, compose_config, fit_interrupted, run_cli
 from evaluation.results import REQUIRED_KEYS
 from models.serialization import load_model
 from run import build, run
@@ -140,10 +140,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     checkpoint = fit_interrupted(compose_config([*base, "trainer.max_epochs=2"], tmp_path / "first"), epochs=1)
     resumed = compose_config([*base, "trainer.max_epochs=2", f"ckpt_path={checkpoint}"], tmp_path / "resumed")
     run(resumed)
-    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)["state_dict"]
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert_same_model_files(tmp_path / "straight", tmp_path / "resumed")
 
 
 # ----- errors a user will hit: one clear line, before training ---------------------------------
