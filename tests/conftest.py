@@ -91,3 +91,15 @@ def assert_same_model_files(dir_a: Path, dir_b: Path) -> dict:
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     return a
+
+
+def straight_and_resumed(base: list[str], tmp_path: Path, stop_after: int) -> tuple[dict, dict, dict]:
+    """run() ``base`` uninterrupted, and again stopped after ``stop_after`` epochs then resumed from
+    its last.ckpt; asserts both model.pt files are bit-identical. Returns (straight, resumed, state_dict)."""
+    from run import run
+
+    straight = run(compose_config(base, tmp_path / "straight"))
+    checkpoint = fit_interrupted(compose_config(base, tmp_path / "first"), epochs=stop_after)
+    resumed = run(compose_config([*base, f"ckpt_path={checkpoint}"], tmp_path / "resumed"))
+    state = assert_same_model_files(tmp_path / "straight", tmp_path / "resumed")
+    return straight, resumed, state

@@ -12,7 +12,7 @@ from torch import nn
 import models  # noqa: F401
 from callbacks.weight_clustering import WeightClustering
 from compression.kmeans import cluster_weight, kmeans_1d
-from conftest import assert_same_model_files, TINY, compose_config, fit_interrupted
+from conftest import TINY, compose_config, straight_and_resumed
 from test_huffman import merged_weight_sum as reference_huffman_bits
 from models.serialization import load_model
 from run import build, run
@@ -152,10 +152,7 @@ def test_resume_after_clustering_equals_uninterrupted(tmp_path):
     base = [*TINY, *TINY_NET, "callbacks=model_checkpoint", "optimizer.lr=0.01", "compression=[cluster]",
             "callbacks.cluster.bits=3", "callbacks.cluster.at_epoch=1", "callbacks.cluster.lr=0.005",
             "trainer.max_epochs=3"]
-    straight = run(compose_config(base, tmp_path / "straight"))
-    checkpoint = fit_interrupted(compose_config(base, tmp_path / "first"), epochs=2)
-    resumed = run(compose_config([*base, f"ckpt_path={checkpoint}"], tmp_path / "resumed"))
-    assert_same_model_files(tmp_path / "straight", tmp_path / "resumed")
+    straight, resumed, _ = straight_and_resumed(base, tmp_path, stop_after=2)
     assert straight["compress/huffman_bytes"] == resumed["compress/huffman_bytes"]
 
 

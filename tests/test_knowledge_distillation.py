@@ -222,6 +222,13 @@ def test_resume_restores_adapters_and_equals_uninterrupted(tmp_path, teacher_fil
 
 # ----- combinations: prune/slim-then-distill from the dense parent, precision -----------------
 
+def slimmed_from_parent(parent, *extra: str) -> list[str]:
+    """Prune-then-distill: start from the dense parent, slim 50% after epoch 1, the parent teaches."""
+    return [*TINY, *STUDENT, f"init_from={parent}", "compression=[slimming,kd]", "callbacks.slimming.at_epochs=[1]",
+            "callbacks.slimming.prune_ratio=0.5", "trainer.max_epochs=2", "trainer.limit_val_batches=1",
+            "callbacks.kd.teachers=initial", *extra]
+
+
 class SnapshotTeacher(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         self.teacher = next(c for c in trainer.callbacks if isinstance(c, KnowledgeDistillation)).teachers[0]
@@ -230,10 +237,7 @@ class SnapshotTeacher(pl.Callback):
 @pytest.mark.slow
 def test_slimmed_student_is_distilled_from_its_dense_parent_with_attention(tmp_path):
     parent = save_teacher(tmp_path / "dense.pt", width=0.25)
-    overrides = [*TINY, *STUDENT, f"init_from={parent}", "compression=[slimming,kd]", "callbacks.slimming.at_epochs=[1]",
-                 "callbacks.slimming.prune_ratio=0.5", "trainer.max_epochs=2", "trainer.limit_val_batches=1",
-                 "callbacks.kd.teachers=initial", "callbacks.kd.feature_loss=attention",
-                 "callbacks.kd.student_layers=['layer?']"]
+    overrides = slimmed_from_parent(parent, "callbacks.kd.feature_loss=attention", "callbacks.kd.student_layers=['layer?']")
     datamodule, module, trainer = build(compose_config(overrides, tmp_path / "run"))
     snapshot = SnapshotTeacher()
     trainer.callbacks.append(snapshot)
@@ -249,10 +253,7 @@ def test_slimmed_student_is_distilled_from_its_dense_parent_with_attention(tmp_p
 @pytest.mark.slow
 def test_fitnets_adapter_on_a_layer_that_slimming_thins_is_a_clear_error(tmp_path):
     parent = save_teacher(tmp_path / "dense.pt", width=0.25)
-    overrides = [*TINY, *STUDENT, f"init_from={parent}", "compression=[slimming,kd]", "callbacks.slimming.at_epochs=[1]",
-                 "callbacks.slimming.prune_ratio=0.5", "trainer.max_epochs=2", "trainer.limit_val_batches=1",
-                 "callbacks.kd.teachers=initial", "callbacks.kd.feature_loss=fitnets",
-                 "callbacks.kd.student_layers=[layer3]"]
+    overrides = slimmed_from_parent(parent, "callbacks.kd.feature_loss=fitnets", "callbacks.kd.student_layers=[layer3]")
     datamodule, module, trainer = build(compose_config(overrides, tmp_path / "run"))
     with pytest.raises(ValueError, match=r"callbacks\.kd\.student_layers.*'layer3' now has \d+ channels.*attention"):
         trainer.fit(module, datamodule=datamodule)

@@ -11,7 +11,7 @@ from torch import nn
 
 import models  # noqa: F401
 from compression import low_rank
-from conftest import assert_same_model_files, ROOT, TINY, compose_config, fit_interrupted
+from conftest import ROOT, TINY, compose_config, straight_and_resumed
 from evaluation.model_stats import count_flops
 from models.serialization import load_model, save_model
 from run import build, run
@@ -114,11 +114,8 @@ def test_resume_after_decomposition_equals_uninterrupted(tmp_path):
     base = [*TINY, *TINY_NET, "callbacks=model_checkpoint", "optimizer.lr=0.01", "compression=[lowrank]",
             "callbacks.lowrank.at_epoch=1", "callbacks.lowrank.lr=0.005", "callbacks.lowrank.energy=0.8",
             "trainer.max_epochs=3"]
-    straight = run(compose_config(base, tmp_path / "straight"))
-    checkpoint = fit_interrupted(compose_config(base, tmp_path / "first"), epochs=2)
-    resumed = run(compose_config([*base, f"ckpt_path={checkpoint}"], tmp_path / "resumed"))
-    a = assert_same_model_files(tmp_path / "straight", tmp_path / "resumed")
-    assert any(".0.weight" in key for key in a)
+    straight, resumed, state = straight_and_resumed(base, tmp_path, stop_after=2)
+    assert any(".0.weight" in key for key in state)
     assert straight["compress/lowrank_ranks"] == resumed["compress/lowrank_ranks"]
     assert straight["compress/flops_after"] == resumed["compress/flops_after"]
 

@@ -13,10 +13,10 @@ import models  # noqa: F401
 from callbacks.post_training_quantization import PostTrainingQuantization
 from callbacks.quantization_aware_training import QuantizationAwareTraining
 from compression import fake_quant as fq
-from conftest import TINY, compose_config, fit_interrupted
+from conftest import TINY, compose_config, straight_and_resumed
 from models.factory import create_model
 from models.serialization import load_model
-from run import build, run
+from run import build
 
 SMALL = [*TINY, "+model.width=0.25"]
 
@@ -201,14 +201,7 @@ def test_resume_mid_qat_equals_uninterrupted(tmp_path):
     base = [*SMALL, "compression=[qat]", "callbacks=model_checkpoint", "scheduler=cosine", "trainer.max_epochs=3",
             "callbacks.qat.start_epoch=1", "callbacks.qat.freeze_observers_epoch=2", "callbacks.qat.fold_bn=true",
             "callbacks.qat.observer=ema", "callbacks.qat.latency_repeats=2"]
-    straight = run(compose_config(base, tmp_path / "straight"))
-    checkpoint = fit_interrupted(compose_config(base, tmp_path / "first"), epochs=2)
-    resumed = run(compose_config([*base, f"ckpt_path={checkpoint}"], tmp_path / "resumed"))
-    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)["state_dict"]
-    assert set(a) == set(b)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    straight, resumed, _ = straight_and_resumed(base, tmp_path, stop_after=2)
     assert resumed["test/acc1"] == straight["test/acc1"]
     assert resumed["int8/test/acc1"] == straight["int8/test/acc1"]
     # model.pt is the plain fp32 net (BN folded in): load_model rebuilds it and it has no quant state.

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 import models  # noqa: F401
-from conftest import ROOT, assert_same_model_files, TINY, TINY_RUN, compose_config, fit_interrupted, run_cli
+from conftest import ROOT, TINY, TINY_RUN, compose_config, run_cli, straight_and_resumed
 from evaluation.results import REQUIRED_KEYS
 from models.serialization import load_model
 from run import build, run
@@ -134,13 +134,9 @@ def test_compression_list_composes_into_trainer_callbacks(tiny_config):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    base = [*TINY, "callbacks=model_checkpoint", "scheduler=cosine"]
-    straight = compose_config([*base, "trainer.max_epochs=2"], tmp_path / "straight")
-    run(straight)
-    checkpoint = fit_interrupted(compose_config([*base, "trainer.max_epochs=2"], tmp_path / "first"), epochs=1)
-    resumed = compose_config([*base, "trainer.max_epochs=2", f"ckpt_path={checkpoint}"], tmp_path / "resumed")
-    run(resumed)
-    assert_same_model_files(tmp_path / "straight", tmp_path / "resumed")
+    straight, resumed, _ = straight_and_resumed([*TINY, "callbacks=model_checkpoint", "scheduler=cosine",
+                                                 "trainer.max_epochs=2"], tmp_path, stop_after=1)
+    assert resumed["test/acc1"] == straight["test/acc1"]
 
 
 # ----- errors a user will hit: one clear line, before training ---------------------------------
