@@ -63,7 +63,11 @@ def main() -> None:
     for kind, times in [*stage_times.items(), ("job retrain", job_times)]:
         if times:
             print(f"{kind:<12}{len(times):>4}{sum(times) / len(times):>14.1f}")
-    written = make_report(out)
+    from omegaconf import OmegaConf
+
+    sweep = OmegaConf.load(out / "multirun.yaml") if (out / "multirun.yaml").is_file() else None
+    title = OmegaConf.select(sweep, "hydra.callbacks.report.title") if sweep is not None else None
+    written = make_report(out, title=title)  # the preset's title, as the end-of-multirun report has it
     print((out / "report.md").read_text())
     if args.publish:
         dest = ROOT / "docs/results" / args.experiment

@@ -112,8 +112,11 @@ class QuantizationBase(pl.Callback):
                                  f"quantized layers are: {', '.join(list(layers)[:12])}")
         return layers
 
-    def quantize_net(self, net: nn.Module) -> None:
-        """Swap the selected layers for fake-quant ones (idempotent: a second setup changes nothing)."""
+    def quantize_net(self, net: nn.Module, input_size: tuple[int, ...] | None = None) -> None:
+        """Swap the selected layers for fake-quant ones and add the activation output points
+        (``compression/activation_points.py``); idempotent: a second setup changes nothing."""
+        from compression.activation_points import attach
+
         layers = self._select(net)
         self.layer_bits = fq.layer_bits(list(layers), self.bits, self.bits_by_pattern)
         for name, layer in layers.items():
@@ -122,9 +125,16 @@ class QuantizationBase(pl.Callback):
             bits = self.layer_bits[name]
             wrapped = fq.wrap_layer(layer, bits, self.act_bits or bits, self.observer, self.ema_momentum)
             fq._set_child(net, name, wrapped)
+        self.prepare_wrapped(net)
+        attach(net, tuple(input_size or model_input_size(net)), self.act_bits or self.bits, self.observer,
+               self.ema_momentum)
+
+    def prepare_wrapped(self, net: nn.Module) -> None:
+        """Module swaps that must precede the activation points (their hooks live on the final modules)."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.quantize_net(pl_module.net)
+        input_size = getattr(getattr(trainer, "datamodule", None), "input_size", None)
+        self.quantize_net(pl_module.net, tuple(input_size) if input_size else None)
 
     # ----- int8 export after test ---------------------------------------------------------------
     @torch.no_grad()
@@ -144,8 +154,8 @@ class QuantizationBase(pl.Callback):
         net.train(was_training)
 
     def unobserved(self, net: nn.Module) -> list[str]:
-        """Quantized layers whose activation range was never observed (one host sync per layer, at test only)."""
-        return [name for name, module in fq.quant_modules(net) if bool(torch.isinf(module.act_min))]
+        """Fake-quant modules whose activation range was never observed (one host sync each, at test only)."""
+        return fq.unobserved(net)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         fq.set_quant_state(pl_module.net, enabled=True, observe=False)
@@ -215,6 +225,8 @@ class QuantizationAwareTraining(QuantizationBase):
             input_size = tuple(getattr(trainer.datamodule, "input_size", None) or model_input_size(net))
             self.bn_pairs = fq.conv_bn_pairs(net, input_size)
         super().setup(trainer, pl_module, stage)
+
+    def prepare_wrapped(self, net: nn.Module) -> None:
         for conv, bn in self.bn_pairs.items():
             if conv in self.layer_bits and not isinstance(net.get_submodule(bn), fq.FoldableBatchNorm2d):
                 fq._set_child(net, bn, fq.make_foldable(net.get_submodule(bn)))

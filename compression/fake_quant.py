@@ -8,8 +8,9 @@ zero padding is exact. Gradients are straight-through (Bengio et al. 2013) insid
 zero outside, as in Jacob et al. 2018, "Quantization and Training of Neural Networks for
 Efficient Integer-Arithmetic-Only Inference", and Krishnamoorthi 2018 (per-channel weights).
 
-The hot path is torch's fused ``fake_quantize_per_channel_affine`` /
-``fake_quantize_per_tensor_affine`` (tensor-qparams overload): no ``.item()``, no host sync.
+The hot path is torch's fused ``fake_quantize_per_channel_affine`` for weights and
+:class:`_FakeQuantizePerTensor` (the same arithmetic as ``fake_quantize_per_tensor_affine``, in
+vectorised ops) for activations: no ``.item()``, no host sync.
 Observer ranges are buffers, so they are in every checkpoint; the on/off flags are plain
 attributes set by the callback from ``trainer.current_epoch`` (derived, not stored).
 """
@@ -71,6 +72,83 @@ def activation_qparams(min_val: torch.Tensor, max_val: torch.Tensor, bits: int
     return scale.reshape(1), zero_point.reshape(1)
 
 
+@torch.no_grad()
+def observe_range(act_min: torch.Tensor, act_max: torch.Tensor, x: torch.Tensor, observer: str,
+                  momentum: float) -> None:
+    """Update a running range in place: ``minmax`` keeps the extremes, ``ema`` a moving average of
+    per-batch min/max (the first batch initialises it)."""
+    x = x.detach()
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        x = x.permute(0, 2, 3, 1)  # a contiguous view: aminmax would otherwise copy the tensor first
+    low, high = torch.aminmax(x)
+    low, high = low.float(), high.float()
+    if observer == "minmax":
+        torch.minimum(act_min, low, out=act_min)
+        torch.maximum(act_max, high, out=act_max)
+    else:
+        fresh = torch.isinf(act_min)
+        act_min.copy_(torch.where(fresh, low, act_min + momentum * (low - act_min)))
+        act_max.copy_(torch.where(fresh, high, act_max + momentum * (high - act_max)))
+
+
+class _FakeQuantizePerTensor(torch.autograd.Function):
+    """Per-tensor affine fake quantization with a straight-through gradient inside the range.
+
+    The same arithmetic as torch's ``fake_quantize_per_tensor_affine`` (x * (1/scale) rounded half
+    to even, clamped, times scale; gradient masked where round(x/scale) + zp leaves [qmin, qmax]),
+    written as vectorised elementwise ops: torch's tensor-qparams CPU kernel is about 5x slower on
+    channels_last activations (``bench/bench_quantization.py``), and it dominated the QAT step.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int):
+        steps = torch.round(x * scale.reciprocal())
+        low, high = qmin - zero_point, qmax - zero_point
+        if steps.device.type == "cpu":  # scalar bounds are ~2x faster there, and .item() syncs nothing on the CPU
+            low, high = low.item(), high.item()
+        clamped = steps.clamp(low, high)
+        ctx.save_for_backward(clamped == steps)  # inside the range <=> unchanged by the clamp
+        return clamped.mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+def fake_quantize_activation(x: torch.Tensor, act_min: torch.Tensor, act_max: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-tensor affine fake quantization of ``x`` to ``bits`` over the observed [act_min, act_max]."""
+    scale, zero_point = activation_qparams(act_min, act_max, bits)
+    qmin, qmax = activation_qrange(bits)
+    return _FakeQuantizePerTensor.apply(x, scale.to(x.dtype), zero_point.to(x.dtype), qmin, qmax)
+
+
+class ActivationQuantizer(nn.Module):
+    """Fake quantization of one module's output, with its own observer (see compression/activation_points.py).
+
+    ``anchor`` names the tensor in the exported graph: ``("conv", name)`` = the output of layer
+    ``name`` with its BatchNorm folded, ``("module", name)`` = the output of leaf module ``name``.
+    """
+
+    def __init__(self, bits: int, observer: str, momentum: float, anchor: tuple[str, str], device=None) -> None:
+        super().__init__()
+        self.act_bits, self.observer, self.momentum, self.anchor = bits, observer, momentum, tuple(anchor)
+        self.quant_enabled = False
+        self.observe = False
+        self.register_buffer("act_min", torch.tensor(float("inf"), device=device))
+        self.register_buffer("act_max", torch.tensor(float("-inf"), device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quant_enabled:
+            return x
+        if self.observe:
+            observe_range(self.act_min, self.act_max, x, self.observer, self.momentum)
+        return fake_quantize_activation(x, self.act_min, self.act_max, self.act_bits)
+
+    def extra_repr(self) -> str:
+        return f"a{self.act_bits}, observer={self.observer}, anchor={self.anchor}"
+
+
 class QuantMixin:
     """Observer buffers, flags and the quantized input/weight shared by QuantConv2d and QuantLinear."""
 
@@ -90,27 +168,46 @@ class QuantMixin:
         self.register_buffer("act_min", torch.tensor(float("inf"), device=device))
         self.register_buffer("act_max", torch.tensor(float("-inf"), device=device))
 
-    @torch.no_grad()
+    input_quantized_upstream: bool = False  # the producer of the input fake-quantizes it (activation_points)
+    input_quantizer: nn.Module | None = None  # ... with this ActivationQuantizer (set by activation_points)
+    chain_norm: nn.Module | None = None       # the BatchNorm that alone reads the output (folded at export)
+
     def update_observer(self, x: torch.Tensor) -> None:
-        low, high = torch.aminmax(x.detach())
-        low, high = low.float(), high.float()
-        if self.observer == "minmax":
-            torch.minimum(self.act_min, low, out=self.act_min)
-            torch.maximum(self.act_max, high, out=self.act_max)
-        else:  # moving average of per-batch min/max; the first batch initialises it
-            fresh = torch.isinf(self.act_min)
-            self.act_min.copy_(torch.where(fresh, low, self.act_min + self.momentum * (low - self.act_min)))
-            self.act_max.copy_(torch.where(fresh, high, self.act_max + self.momentum * (high - self.act_max)))
+        observe_range(self.act_min, self.act_max, x, self.observer, self.momentum)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.observe:
             self.update_observer(x)
-        scale, zero_point = activation_qparams(self.act_min, self.act_max, self.act_bits)
-        qmin, qmax = activation_qrange(self.act_bits)
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+        return fake_quantize_activation(x, self.act_min, self.act_max, self.act_bits)
 
     def quantized_weight(self) -> torch.Tensor:
         return fake_quantize_weight(self.weight, self.weight_bits)
+
+    @torch.no_grad()
+    def bias_offset(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """Per-channel term that makes eval outputs use the int8 model's bias (None: no bias anywhere).
+
+        The int8 conv adds its bias (BatchNorm folded in: b' = b*f + beta - mean*f, f = gamma/std)
+        as int32 on the grid s_in * s_w' (input scale x per-channel int8 scale of the folded weight).
+        That rounding moves outputs by up to 0.5% of an output step, enough to flip roundings deep in
+        the net; adding (round(b') - b') / f to the pre-BN output reproduces it.
+        """
+        norm, bias = self.chain_norm, self.bias
+        source = self.input_quantizer if self.input_quantized_upstream else self
+        if source is None or (norm is None and bias is None):
+            return None
+        in_scale = activation_qparams(source.act_min, source.act_max, source.act_bits)[0]
+        channels = weight.shape[0]
+        factor = torch.ones(channels, device=weight.device)
+        folded = bias.detach().clone() if bias is not None else torch.zeros(channels, device=weight.device)
+        if norm is not None:
+            factor = (norm.weight if norm.weight is not None else 1.0) / torch.sqrt(norm.running_var + norm.eps)
+            shift = norm.bias if norm.bias is not None else 0.0
+            folded = folded * factor + shift - norm.running_mean * factor
+        shape = (-1, *([1] * (weight.dim() - 1)))
+        step = in_scale * weight_scale(weight * factor.view(shape), min(self.weight_bits, 8))  # int8 export
+        offset = (torch.round(folded / step) * step - folded) / factor
+        return torch.nan_to_num(offset, nan=0.0, posinf=0.0, neginf=0.0)  # f = 0 or no range observed yet
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, w{self.weight_bits}a{self.act_bits}, observer={self.observer}"
@@ -122,7 +219,11 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quant_enabled:
             return self._conv_forward(x, self.weight, self.bias)
-        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+        x = x if self.input_quantized_upstream else self.quantize_input(x)
+        weight = self.quantized_weight()
+        out = self._conv_forward(x, weight, self.bias)
+        offset = None if self.training else self.bias_offset(weight)
+        return out if offset is None else out + offset.view(1, -1, *([1] * (out.dim() - 2)))
 
 
 class QuantLinear(QuantMixin, nn.Linear):
@@ -131,7 +232,11 @@ class QuantLinear(QuantMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quant_enabled:
             return F.linear(x, self.weight, self.bias)
-        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+        x = x if self.input_quantized_upstream else self.quantize_input(x)
+        weight = self.quantized_weight()
+        out = F.linear(x, weight, self.bias)
+        offset = None if self.training else self.bias_offset(weight)
+        return out if offset is None else out + offset
 
 
 class FoldableBatchNorm2d(nn.BatchNorm2d):
@@ -153,7 +258,8 @@ class FoldableBatchNorm2d(nn.BatchNorm2d):
 WRAPPERS: dict[type, type] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 PLAIN: dict[type, type] = {QuantConv2d: nn.Conv2d, QuantLinear: nn.Linear, FoldableBatchNorm2d: nn.BatchNorm2d}
 _QUANT_BUFFERS = ("act_min", "act_max", "folded")
-_QUANT_ATTRS = ("weight_bits", "act_bits", "observer", "momentum", "quant_enabled", "observe", "is_folded")
+_QUANT_ATTRS = ("weight_bits", "act_bits", "observer", "momentum", "quant_enabled", "observe", "is_folded",
+                "input_quantized_upstream", "input_quantizer", "chain_norm")
 
 
 def _retype(module: nn.Module, cls: type) -> nn.Module:
@@ -190,7 +296,10 @@ def quant_modules(net: nn.Module) -> Iterator[tuple[str, QuantMixin]]:
 
 
 def set_quant_state(net: nn.Module, enabled: bool, observe: bool) -> None:
-    for _, module in quant_modules(net):
+    """Fake quantization on/off and observers updating or not, for every quantized layer and output point."""
+    for module in net.modules():
+        if not isinstance(module, (QuantMixin, ActivationQuantizer)):
+            continue
         module.quant_enabled = enabled
         module.observe = observe and enabled
 
@@ -250,7 +359,10 @@ def strip(net: nn.Module, bake_weights: bool = False) -> nn.Module:
 
     ``bake_weights=True`` stores the fake-quantized weights (what the int8 model uses) in the copy.
     """
+    from compression.activation_points import detach
+
     net = copy.deepcopy(net)
+    detach(net)
     for name, module in list(net.named_modules()):
         plain_cls = PLAIN.get(type(module))
         if plain_cls is None:
@@ -271,8 +383,19 @@ def strip(net: nn.Module, bake_weights: bool = False) -> nn.Module:
 
 
 def activation_ranges(net: nn.Module) -> dict[str, tuple[float, float]]:
-    """{layer name: (min, max)} of every observed quantized layer input (for export)."""
-    return {n: (float(m.act_min), float(m.act_max)) for n, m in quant_modules(net)}
+    """{layer name: (min, max)} of the input range of every quantized layer that quantizes its own input."""
+    return {n: (float(m.act_min), float(m.act_max)) for n, m in quant_modules(net) if not m.input_quantized_upstream}
+
+
+def output_ranges(net: nn.Module) -> dict[tuple[str, str], tuple[float, float]]:
+    """{anchor: (min, max)} of every output point (for export)."""
+    return {m.anchor: (float(m.act_min), float(m.act_max)) for m in net.modules() if isinstance(m, ActivationQuantizer)}
+
+
+def unobserved(net: nn.Module) -> list[str]:
+    """Fake-quant modules whose range was never observed (one host sync each: call at test only)."""
+    return [n for n, m in net.named_modules() if isinstance(m, (QuantMixin, ActivationQuantizer))
+            and not getattr(m, "input_quantized_upstream", False) and bool(torch.isinf(m.act_min))]
 
 
 def layer_bits(names: list[str], default: int, by_pattern: Mapping[str, int]) -> dict[str, int]:

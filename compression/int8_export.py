@@ -9,12 +9,16 @@ optimisation on. ``bench/bench_quantization.py`` measures the speed and size rat
 How the QAT numbers are carried over:
 * weights: the fake-quantized weights are baked in before export; BatchNorm folding scales
   each output channel, and onnxruntime's per-channel symmetric int8 scale of the folded weight
-  reproduces exactly the same integers for 8-bit layers (sub-8-bit layers land on the finer
-  int8 grid, an error below 3% of one 4-bit step);
-* activations: each quantized layer's input range (rmin, rmax) is the QAT/PTQ observer's,
-  passed as ``TensorQuantOverrides``; tensors our fake-quant does not cover (conv outputs
-  before a residual Add, Add outputs) are calibrated by onnxruntime's MinMax on the same
-  training batches; layers left in float (first/last when skipped) are excluded.
+  reproduces exactly the same integers for 8-bit layers; sub-8-bit layers get their b-bit
+  per-channel scales as overrides, so int8 holds exactly their integers too;
+* activations: QAT fake-quantizes the tensors the int8 graph quantizes, where they are produced
+  (``compression/activation_points.py``: conv outputs, ReLU/MaxPool outputs, and the inputs of
+  layers no such point covers); each range (rmin, rmax) goes to onnxruntime as a
+  ``TensorQuantOverrides`` entry of that tensor. Only Conv/Gemm/MatMul/Relu/Clip/Add are
+  quantized (pooling, flatten etc. run in float on the dequantized values, as in the fake-quant
+  net), so with ResNet-style nets no range is left to onnxruntime's own calibration; tensors of
+  other nets that no point covers fall back to MinMax on the same training batches. Layers left
+  in float (first/last when skipped) are excluded.
 """
 from __future__ import annotations
 
@@ -31,7 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from compression.fake_quant import activation_ranges, strip
+from compression.fake_quant import activation_ranges, output_ranges, quant_modules, strip
+
+QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Relu", "Clip", "Add"]
 
 
 def fold_batchnorm(net: nn.Module, input_size: tuple[int, ...]) -> nn.Module:
@@ -99,6 +105,89 @@ def _drop_identities(path: Path) -> None:
     onnx.save(model, str(path))
 
 
+def scope_module(node_name: str) -> str:
+    """Module name of a TorchScript-exported node: '/layer1/layer1.0/act2/Relu' -> 'layer1.0.act2'.
+
+    The exporter names a node by its module scopes, where a Sequential's child repeats the
+    parent's name ('layer1.0' under 'layer1').
+    """
+    path: list[str] = []
+    for part in node_name.strip("/").split("/")[:-1]:
+        if path and part.startswith(path[-1] + "."):
+            path[-1] = part
+        else:
+            path.append(part)
+    return ".".join(path)
+
+
+def _add_range(overrides: dict, tensor: str, low: float, high: float, bits: int = 8,
+               sub8: dict[str, int] | None = None) -> None:
+    """Activation override of ``tensor``: its observed range at 8+ bits (the union if two layers read it);
+    below 8 bits the scale and zero point of the ``bits`` grid, so int8 holds the same integers
+    (recorded in ``sub8`` for :func:`_clip_sub8bit`)."""
+    if tensor in overrides and "scale" in overrides[tensor][0]:
+        return
+    if bits < 8:
+        if sub8 is not None:
+            sub8[tensor] = bits
+        from compression.fake_quant import activation_qparams
+
+        scale, zero_point = activation_qparams(torch.tensor(low), torch.tensor(high), bits)
+        overrides[tensor] = [{"scale": np.array(float(scale), dtype=np.float32),
+                              "zero_point": np.array(int(zero_point), dtype=np.uint8)}]
+        return
+    old = overrides.get(tensor, [{"rmin": low, "rmax": high}])[0]
+    overrides[tensor] = [{"rmin": np.float32(min(low, old["rmin"])), "rmax": np.float32(max(high, old["rmax"]))}]
+
+
+def _weight_grid(overrides: dict, name: str, weight: np.ndarray, bits: int) -> None:
+    """Per-channel int8 scales of a sub-8-bit layer's folded weight on its ``bits`` grid
+    (max|w_c| / (2^(b-1) - 1)), so the int8 weights are exactly the QAT integers."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1)
+    scales = np.maximum(amax / qmax, np.finfo(np.float32).eps).astype(np.float32)
+    overrides[name] = [{"axis": 0, "scale": np.array(s, dtype=np.float32), "zero_point": np.array(0, dtype=np.int8)}
+                       for s in scales]
+
+
+def _clip_sub8bit(path: Path, overrides: dict, sub8: dict[str, int]) -> list[str]:
+    """Insert a float Clip to the b-bit range after every sub-8-bit activation ``sub8`` {tensor: b};
+    returns the Clip node names (to keep out of quantization).
+
+    int8 holds a b-bit tensor's integers (same scale and zero point) but would not clamp values
+    beyond the observed range at 2^b - 1 as the fake quant does; the Clip does. Its output gets the
+    same override, so the tensor is quantized, clamped and quantized again with identical
+    parameters (the second step is exact).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    nodes = list(graph.node)
+    clips = []
+    for tensor, bits in sub8.items():
+        entry = overrides[tensor][0]
+        scale, zero_point = float(entry["scale"]), int(entry["zero_point"])
+        low, high = np.float32(-zero_point * scale), np.float32((2 ** bits - 1 - zero_point) * scale)
+        clipped, name = f"{tensor}_clip{bits}", f"{tensor}_Clip{bits}"
+        for node in nodes:
+            for i, value in enumerate(node.input):
+                if value == tensor:
+                    node.input[i] = clipped
+        graph.initializer.extend([numpy_helper.from_array(np.array(low), f"{name}_min"),
+                                  numpy_helper.from_array(np.array(high), f"{name}_max")])
+        clip = helper.make_node("Clip", [tensor, f"{name}_min", f"{name}_max"], [clipped], name=name)
+        producer = next((i for i, n in enumerate(nodes) if tensor in n.output), -1)
+        nodes.insert(producer + 1, clip)  # right after its producer: the graph stays topologically sorted
+        overrides[clipped] = overrides[tensor]
+        clips.append(name)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(path))
+    return clips
+
+
 class _Batches:
     """onnxruntime CalibrationDataReader over a list of float32 arrays."""
 
@@ -117,40 +206,59 @@ def export_int8(qnet: nn.Module, path: str | os.PathLike, input_size: tuple[int,
     not observe itself.
     """
     import onnx
+    from onnx import numpy_helper
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ranges = activation_ranges(qnet)
-    for name, (low, high) in ranges.items():
+    points = output_ranges(qnet)
+    for name, (low, high) in [*ranges.items(), *((f"{k}:{n}", r) for (k, n), r in points.items())]:
         if not np.isfinite(low) or not np.isfinite(high):
-            raise RuntimeError(f"int8 export: layer '{name}' has no observed activation range; "
+            raise RuntimeError(f"int8 export: '{name}' has no observed activation range; "
                                "quantization never ran (calibrate or train with QAT first)")
+    modules = dict(quant_modules(qnet))
+    layers = set(modules)
+    point_bits = {m.anchor: m.act_bits for m in qnet.modules() if hasattr(m, "anchor")}
     plain = strip(qnet, bake_weights=True)
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = export_fp32_onnx(plain, Path(tmp) / "fp32.onnx", input_size)
         graph = onnx.load(str(fp32_path)).graph
-        quantized, overrides = [], {}
+        weights = {t.name: t for t in graph.initializer}
+        quantized, overrides, placed, sub8 = [], {}, set(), {}
         for node in graph.node:
-            if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
-                continue
-            layer = node.input[1].removesuffix(".weight")
-            if layer in ranges:
+            layer = node.input[1].removesuffix(".weight") if len(node.input) > 1 else None
+            if node.op_type in ("Conv", "Gemm", "MatMul") and layer in layers:
                 quantized.append(node.name)
-                low, high = ranges[layer]
-                old = overrides.get(node.input[0], [{"rmin": low, "rmax": high}])[0]
-                overrides[node.input[0]] = [{"rmin": np.float32(min(low, old["rmin"])),
-                                             "rmax": np.float32(max(high, old["rmax"]))}]
-        missing = set(ranges) - {n.input[1].removesuffix(".weight") for n in graph.node if len(n.input) > 1}
+                module = modules[layer]
+                if layer in ranges:
+                    _add_range(overrides, node.input[0], *ranges[layer], module.act_bits, sub8)
+                if ("conv", layer) in points:
+                    _add_range(overrides, node.output[0], *points["conv", layer], point_bits["conv", layer], sub8)
+                    placed.add(("conv", layer))
+                if module.weight_bits < 8 and node.op_type != "MatMul" and node.input[1] in weights:
+                    _weight_grid(overrides, node.input[1], numpy_helper.to_array(weights[node.input[1]]),
+                                 module.weight_bits)
+            elif node.op_type in ("Relu", "Clip", "MaxPool") and ("module", scope_module(node.name)) in points:
+                anchor = ("module", scope_module(node.name))
+                _add_range(overrides, node.output[0], *points[anchor], point_bits[anchor], sub8)
+                placed.add(anchor)
+        if set(points) - placed:
+            logging.getLogger(__name__).warning("int8 export: activation points %s have no node in the ONNX graph; "
+                                                "onnxruntime calibrates those tensors itself",
+                                                sorted(set(points) - placed))
+        missing = layers - {n.input[1].removesuffix(".weight") for n in graph.node if len(n.input) > 1}
         if missing:  # e.g. all-zero folded weights (timm's zero-init last BN) that the exporter deduplicated
             logging.getLogger(__name__).warning("int8 export: layers %s have no named weight in the ONNX graph "
                                                 "(identical weights are deduplicated); they stay in float",
                                                 sorted(missing))
         excluded = [n.name for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.name not in quantized]
+        excluded += _clip_sub8bit(fp32_path, overrides, sub8)
         arrays = [b.detach().float().cpu().contiguous().numpy() for b in calibration]
         quantize_static(str(fp32_path), str(path), _Batches(arrays), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
+                        op_types_to_quantize=QUANTIZED_OPS,
                         extra_options={"TensorQuantOverrides": overrides, "WeightSymmetric": True,
                                        "ActivationSymmetric": False})
     return path

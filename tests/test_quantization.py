@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from compression import fake_quant as fq
 from conftest import TINY, compose_config, straight_and_resumed
 from models.factory import create_model
 from models.serialization import load_model
-from run import build
+from run import build, run
 
 SMALL = [*TINY, "+model.width=0.25"]
 
@@ -52,6 +53,29 @@ def test_activation_gradient_passes_inside_range_and_is_zero_outside():
     scale, zero_point = fq.activation_qparams(layer.act_min, layer.act_max, 8)
     expected = torch.fake_quantize_per_tensor_affine(x.detach(), float(scale), int(zero_point), 0, 255)
     torch.testing.assert_close(layer.quantize_input(x.detach()), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_activation_fake_quant_equals_torch_kernel_values_and_gradient(bits):
+    """The vectorised activation fake quant is torch's fake_quantize_per_tensor_affine, bit for bit,
+    gradient mask included, on a channels_last tensor with values on, between and beyond the grid."""
+    torch.manual_seed(0)
+    low, high = torch.tensor(-0.7), torch.tensor(3.1)
+    scale, zero_point = fq.activation_qparams(low, high, bits)
+    qmin, qmax = fq.activation_qrange(bits)
+    grid = (torch.arange(qmin - 3, qmax + 4) - zero_point) * scale  # exact grid points and ties below
+    x = torch.cat([torch.randn(2 * 8 * 6 * 6) * 2, grid, grid + scale / 2]).reshape(-1)
+    x = torch.nn.functional.pad(x, (0, (-len(x)) % 8)).reshape(1, 8, -1, 1).to(memory_format=torch.channels_last)
+    ours = x.clone().requires_grad_()
+    ref = x.clone().requires_grad_()
+    out = fq.fake_quantize_activation(ours, low, high, bits)
+    expected = torch.fake_quantize_per_tensor_affine(ref, scale, zero_point, qmin, qmax)
+    weights = torch.randn_like(x)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=0, atol=0)
+    assert 0 < int((ref.grad == 0).sum()) < x.numel()  # both clamped and passed-through values occur
 
 
 @pytest.mark.parametrize("low,high", [(-1.3, 4.2), (0.0, 6.0), (0.5, 3.0), (-2.0, -0.5)])
@@ -156,6 +180,11 @@ def test_unsupported_layer_is_named_with_the_fix():
             self.body = nn.Conv2d(4, 4, 3)
             self.fc = nn.Linear(4, 2)
 
+        def forward(self, x):
+            x = self.stem(x)
+            x = self.mix(x.flatten(2)).unflatten(2, x.shape[2:])
+            return self.fc(self.body(x).mean((2, 3)))
+
     callback = QuantizationAwareTraining(include=["*"])
     with pytest.raises(ValueError, match=r"layer 'mix' is a Conv1d, which fake quantization does not support.*"
                                          r"callbacks\.qat\.exclude=\['mix'\]"):
@@ -184,7 +213,10 @@ def test_schedule_and_mixed_precision_follow_the_config(tiny_config):
     class Spy(QuantizationAwareTraining.__mro__[-2]):  # pl.Callback
         def on_train_epoch_end(self, trainer, pl_module):
             layer = pl_module.net.get_submodule("layer1.0.conv1")
-            seen.append((layer.quant_enabled, layer.observe, float(layer.act_max)))
+            point = pl_module.net.activation_quantizers["act1"]  # quantizes layer1.0.conv1's input
+            assert layer.input_quantized_upstream and (point.quant_enabled, point.observe) == (layer.quant_enabled,
+                                                                                                 layer.observe)
+            seen.append((layer.quant_enabled, layer.observe, float(point.act_max)))
 
     trainer.callbacks.append(Spy())
     trainer.fit(module, datamodule=datamodule)
@@ -225,3 +257,42 @@ def test_configs_and_presets_instantiate(tmp_path, overrides):
     assert isinstance(callback, PostTrainingQuantization if name == "ptq" else QuantizationAwareTraining)
     if overrides[0].startswith("experiment=qat_resnet20"):
         assert (callback.start_epoch, callback.freeze_observers_epoch, callback.fold_bn) == (120, 150, True)
+
+
+# ----- after pruning / slimming in the same list --------------------------------------------------
+
+def _int8_conv_weights(path) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    return {t.name.removesuffix("_quantized").removesuffix(".weight"): numpy_helper.to_array(t)
+            for t in graph.initializer if t.name.endswith("weight_quantized") and t.dims and len(t.dims) == 4}
+
+
+@pytest.mark.slow
+def test_pruned_then_quantized_keeps_its_zeros_in_the_int8_model(tmp_path):
+    cfg = compose_config([*TINY, "+model.width=0.25", "data.val_size=16", "data.test_size=64",
+                          "compression=[magnitude_pruning,qat]", "callbacks.magnitude_pruning.sparsity=0.6",
+                          "trainer.max_epochs=2", "callbacks.qat.start_epoch=1", "callbacks.qat.latency_repeats=2"],
+                         tmp_path / "run")
+    results = run(cfg)
+    assert results["status"] == "ok" and 0 <= results["int8/agreement"] <= 1
+    weights = _int8_conv_weights(tmp_path / "run" / "model_int8.onnx")
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    assert len(weights) == 20 and zeros >= int(0.6 * sum(w.size for w in weights.values()))  # masks survive QAT
+
+
+@pytest.mark.slow
+def test_slimmed_then_quantized_exports_the_thin_net(tmp_path):
+    cfg = compose_config([*TINY, "compression=[bn_sparsity,slimming,qat]", "model.name=vgg11_bn_cifar",
+                          "+model.width=0.125", "data.val_size=16", "data.test_size=64",
+                          "callbacks.slimming.at_epochs=[1]", "callbacks.slimming.prune_ratio=0.5",
+                          "callbacks.bn_sparsity.until_epoch=1", "trainer.max_epochs=3",
+                          "callbacks.qat.start_epoch=2", "callbacks.qat.latency_repeats=2"], tmp_path / "run")
+    results = run(cfg)
+    assert results["status"] == "ok", results.get("error")
+    thin = _int8_conv_weights(tmp_path / "run" / "model_int8.onnx")
+    full = create_model("vgg11_bn_cifar", num_classes=10, width=0.125)
+    widths = {n: m.out_channels for n, m in full.named_modules() if isinstance(m, nn.Conv2d)}
+    assert thin and sum(w.shape[0] for w in thin.values()) < sum(widths[n] for n in thin)
