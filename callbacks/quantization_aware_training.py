@@ -227,9 +227,19 @@ class QuantizationAwareTraining(QuantizationBase):
         super().setup(trainer, pl_module, stage)
 
     def prepare_wrapped(self, net: nn.Module) -> None:
+        skipped = []
         for conv, bn in self.bn_pairs.items():
-            if conv in self.layer_bits and not isinstance(net.get_submodule(bn), fq.FoldableBatchNorm2d):
-                fq._set_child(net, bn, fq.make_foldable(net.get_submodule(bn)))
+            norm = net.get_submodule(bn)
+            if conv not in self.layer_bits or isinstance(norm, fq.FoldableBatchNorm2d):
+                continue
+            if type(norm) is not nn.BatchNorm2d:  # e.g. timm's BatchNormAct2d: its own forward (act) must stay
+                skipped.append(bn)
+                continue
+            fq._set_child(net, bn, fq.make_foldable(norm))
+        if skipped:
+            rank_zero_warn(f"callbacks.qat.fold_bn: {len(skipped)} norm layers are BatchNorm2d subclasses with their "
+                           f"own forward (e.g. {skipped[0]}: {type(net.get_submodule(skipped[0])).__name__}); they "
+                           "are not folded during QAT (the int8 export still folds them)")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         max_epochs = trainer.max_epochs

@@ -49,7 +49,9 @@ def quantizers(net: nn.Module) -> Iterator[tuple[str, ActivationQuantizer]]:
 
 def _probe(net: nn.Module, input_size: tuple[int, ...]):
     """One eval forward pass: leaf outputs in completion order and each leaf's input, as (id, version)."""
-    names = {m: n for n, m in net.named_modules() if n and not any(True for _ in m.children())}
+    # leaves, and norms even when they hold their activation (timm's BatchNormAct2d: BN -> drop -> act)
+    names = {m: n for n, m in net.named_modules()
+             if n and (isinstance(m, NORM_TYPES) or not any(True for _ in m.children()))}
     produced: list[tuple[str, tuple[int, int]]] = []
     consumed: dict[str, tuple[tuple[int, int], int]] = {}  # leaf -> (input key, outputs produced before it ran)
     keep: list[torch.Tensor] = []  # hold every tensor so ids stay unique during the probe
@@ -110,6 +112,8 @@ def find_points(net: nn.Module, input_size: tuple[int, ...]
             readers = consumers_of.get(output_of[end], [])
         if len(readers) == 1 and isinstance(modules[readers[0]], POINT_TYPES[:2]):
             continue  # Conv -> (BN ->) ReLU: the ReLU's point
+        if any(n.startswith(end + ".") and isinstance(modules[n], POINT_TYPES[:2]) for n in points):
+            continue  # Conv -> BatchNormAct(ReLU): the inner ReLU's point
         points.setdefault(end, ("conv", name))
     # the quantized layers reading each point: the last leaf output before the layer ran that is its input
     readers_of: dict[str, list[str]] = {p: [] for p in points}

@@ -40,9 +40,21 @@ from compression.fake_quant import activation_ranges, output_ranges, quant_modul
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Relu", "Clip", "Add"]
 
 
-def fold_batchnorm(net: nn.Module, input_size: tuple[int, ...]) -> nn.Module:
-    """Eval copy of ``net`` with every conv -> BatchNorm2d pair fused into one conv (BN -> Identity).
+class _AfterNorm(nn.Module):
+    """What a folded norm that holds more leaves behind: its children in order (timm's
+    BatchNormAct2d -> drop, act), under the same module names."""
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for child in self.children():
+            x = child(x)
+        return x
+
+
+def fold_batchnorm(net: nn.Module, input_size: tuple[int, ...]) -> nn.Module:
+    """Eval copy of ``net`` with every conv -> BatchNorm2d pair fused into one conv.
+
+    A plain BN becomes Identity; a BN that holds more (timm's BatchNormAct2d: BN -> drop -> act)
+    keeps its children, so its activation stays under the same name.
     Folding multiplies each output channel of the weight by gamma/std, so per-channel integer
     weights stay the same integers (only the channel's scale changes).
     """
@@ -52,8 +64,14 @@ def fold_batchnorm(net: nn.Module, input_size: tuple[int, ...]) -> nn.Module:
 
     net = copy.deepcopy(net).cpu().eval()
     for conv, bn in conv_bn_pairs(net, input_size).items():
-        _set_child(net, conv, fuse_conv_bn_eval(net.get_submodule(conv), net.get_submodule(bn)))
-        _set_child(net, bn, nn.Identity())
+        norm = net.get_submodule(bn)
+        _set_child(net, conv, fuse_conv_bn_eval(net.get_submodule(conv), norm))
+        rest = nn.Identity()
+        if any(True for _ in norm.children()):
+            rest = _AfterNorm()
+            for name, child in norm.named_children():
+                rest.add_module(name, child)
+        _set_child(net, bn, rest)
     return net
 
 

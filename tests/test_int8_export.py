@@ -173,3 +173,24 @@ def test_ptq_calibrates_without_training_and_reports_int8_figures(tmp_path):
     net = load_model(tmp_path / "run" / "model.pt")  # the fp32 net, untouched by PTQ
     for key, value in initial.net.state_dict().items():
         torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_fp32_onnx_of_a_net_with_batchnorm_act_keeps_the_activation(tmp_path):
+    """timm's BatchNormAct2d (BN -> drop -> act in one module): folding BN into the conv must keep
+    its activation (ReLU6 here), so the exported fp32 model computes what the torch net does."""
+    from compression.int8_export import export_fp32_onnx
+
+    torch.manual_seed(0)
+    net = create_model("mobilenetv2_050", num_classes=10).eval()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    path = export_fp32_onnx(net, tmp_path / "fp32.onnx", (3, 32, 32))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = net(x)
+    torch.testing.assert_close(predict(session(path, threads=1), x), expected, rtol=1e-3, atol=1e-4)
+    assert "Clip" in {n.op_type for n in onnx.load(str(path)).graph.node}  # the ReLU6s are there
