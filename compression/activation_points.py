@@ -13,8 +13,9 @@ version counters, so in-place ReLUs and Adds are followed), gives each an
 owner: the ranges are in every checkpoint) and runs it as a forward hook of the producing leaf
 module. A quantized layer whose input is already quantized upstream skips its own input
 fake-quant. Each layer also learns which BatchNorm alone reads its output (``chain_norm``), so
-in eval mode it can round its folded bias as the int8 model does (``QuantMixin.bias_offset``). Nets whose root is an ``nn.Sequential`` (a child would become a layer) keep
-input-only fake quantization.
+in eval mode it can round its folded bias as the int8 model does (``QuantMixin.bias_offset``).
+Nets whose root is an ``nn.Sequential`` (a child would become a layer) keep input-only fake
+quantization.
 """
 from __future__ import annotations
 

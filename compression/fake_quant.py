@@ -10,7 +10,8 @@ Efficient Integer-Arithmetic-Only Inference", and Krishnamoorthi 2018 (per-chann
 
 The hot path is torch's fused ``fake_quantize_per_channel_affine`` for weights and
 :class:`_FakeQuantizePerTensor` (the same arithmetic as ``fake_quantize_per_tensor_affine``, in
-vectorised ops) for activations: no ``.item()``, no host sync.
+vectorised ops) for activations: no host sync on a GPU (on the CPU the clamp bounds are read as
+Python numbers, which costs nothing there).
 Observer ranges are buffers, so they are in every checkpoint; the on/off flags are plain
 attributes set by the callback from ``trainer.current_epoch`` (derived, not stored).
 """
