@@ -26,6 +26,7 @@ slimming presets).
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -40,7 +41,7 @@ from compression.masks import (check_choice, check_sparsity, sparsity_of, struct
                                unstructured_masks)
 from protocols import stage_store as store_files
 from protocols.retrain_init import (effective_flops, masked_state, random_masks_like,
-                                    scratch_b_epochs)
+                                    scratch_b_budget)
 from protocols.stage_store import StageStore, stage_key, write_json_atomic
 
 METHODS = ("dense", "finetune", "rewind", "reinit", "random_prune")
@@ -422,11 +423,13 @@ class LotteryProtocol:
             overrides = {"optimizer.lr": self.finetune["lr"], "trainer.max_epochs": self.finetune["epochs"] or epochs}
         elif self.method == "reinit":
             start = self.start_network(base, dense_dir, masks, "reinit")
-            if self.reinit["budget"] == "flops":
-                dense_flops = read_json(dense_dir / store_files.METRICS)["flops"]
+            if self.reinit["budget"] == "flops":  # Scratch-B: the dense run's steps x FLOPs ratio
+                dense = read_json(dense_dir / store_files.METRICS)
                 pruned = effective_flops(start, fixed, _input_size(base))
-                overrides = {"trainer.max_epochs": scratch_b_epochs(epochs, dense_flops, pruned,
-                                                                    self.reinit["max_factor"])}
+                steps = scratch_b_budget(int(dense["global_step"]), dense["flops"], pruned, self.reinit["max_factor"])
+                per_epoch = dense["global_step"] / max(int(dense["epochs"]), 1)
+                overrides = {"trainer.max_steps": steps, "trainer.max_epochs": math.ceil(steps / per_epoch)}
+                extra["lottery/epochs_trained"] = round(steps / per_epoch, 3)
         elif self.method == "random_prune":
             seed = base["seed"] + self.reinit["seed_offset"]
             random = random_masks_like(masks, seed)
@@ -434,7 +437,7 @@ class LotteryProtocol:
             start = self.start_network(base, dense_dir, random, "random_prune")
         else:  # pragma: no cover
             raise AssertionError(self.method)
-        extra["lottery/epochs_trained"] = overrides.get("trainer.max_epochs", epochs)
+        extra.setdefault("lottery/epochs_trained", overrides.get("trainer.max_epochs", epochs))
         return fit_job(cfg, start, fixed, overrides)
 
 

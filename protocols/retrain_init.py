@@ -41,16 +41,18 @@ def random_masks_like(masks: Mapping[str, torch.Tensor], seed: int) -> dict[str,
     return out
 
 
-def scratch_b_epochs(epochs: int, dense_flops: float, pruned_flops: float, max_factor: float | None = None) -> int:
-    """Scratch-B budget (Liu et al. 2019, sec. 4): ``round(epochs * dense_flops / pruned_flops)``,
-    the factor capped at ``max_factor`` when given (the paper caps ImageNet at 2x)."""
-    if epochs < 1 or dense_flops <= 0 or pruned_flops <= 0:
-        raise ValueError(f"Scratch-B needs epochs >= 1 and positive FLOPs; got epochs={epochs}, "
+def scratch_b_budget(budget: int, dense_flops: float, pruned_flops: float, max_factor: float | None = None) -> int:
+    """Scratch-B budget (Liu et al. 2019, sec. 4): ``round(budget * dense_flops / pruned_flops)``,
+    the factor capped at ``max_factor`` when given (the paper caps ImageNet at 2x). ``budget`` is
+    the dense run's length in any unit; the protocol passes optimizer steps, so a short run is not
+    rounded to whole epochs (5 epochs x 1.1 would stay 5)."""
+    if budget < 1 or dense_flops <= 0 or pruned_flops <= 0:
+        raise ValueError(f"Scratch-B needs a budget >= 1 and positive FLOPs; got budget={budget}, "
                          f"dense_flops={dense_flops}, pruned_flops={pruned_flops}")
     factor = dense_flops / pruned_flops
     if max_factor is not None:
         factor = min(factor, float(max_factor))
-    return max(1, int(math.floor(epochs * factor + 0.5)))
+    return max(1, int(math.floor(budget * factor + 0.5)))
 
 
 def layer_flops(net: nn.Module, input_size: tuple[int, int, int]) -> dict[str, int]:

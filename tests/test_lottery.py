@@ -18,7 +18,7 @@ from compression.masks import sparsity_of
 from conftest import TINY, StopAfterEpochs, compose_config
 from protocols import stage_store
 from protocols.lottery import LotteryProtocol, job_base, load_masks
-from protocols.retrain_init import effective_flops, random_masks_like, scratch_b_epochs
+from protocols.retrain_init import effective_flops, random_masks_like, scratch_b_budget
 from protocols.stage_store import StageStore
 from run import build, run
 
@@ -90,14 +90,14 @@ def test_random_prune_mask_keeps_each_layers_count():
     assert all(torch.equal(rand[n], random_masks_like(masks, seed=3)[n]) for n in masks)
 
 
-def test_scratch_b_epochs_follow_the_paper_formula():
+def test_scratch_b_budget_follows_the_paper_formula():
     # Liu et al. 2019: epochs x FLOPs(dense) / FLOPs(pruned), optionally capped (2x on ImageNet)
-    assert scratch_b_epochs(160, 4.0e8, 1.0e8) == 640
-    assert scratch_b_epochs(160, 4.0e8, 1.0e8, max_factor=2) == 320
-    assert scratch_b_epochs(10, 3.0, 2.0) == 15
-    assert scratch_b_epochs(3, 1.0, 1.0) == 3
+    assert scratch_b_budget(160, 4.0e8, 1.0e8) == 640
+    assert scratch_b_budget(160, 4.0e8, 1.0e8, max_factor=2) == 320
+    assert scratch_b_budget(10, 3.0, 2.0) == 15
+    assert scratch_b_budget(3, 1.0, 1.0) == 3
     with pytest.raises(ValueError, match="Scratch-B"):
-        scratch_b_epochs(10, 0, 1)
+        scratch_b_budget(10, 0, 1)
 
 
 def test_effective_flops_counts_only_unpruned_weights():
@@ -117,7 +117,9 @@ def test_scratch_b_job_trains_for_the_flops_budget(tmp_path):
     results = run(cfg)
     saved = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
     ratio = saved["lottery/dense_flops"] / saved["lottery/effective_flops"]
-    assert saved["lottery/epochs_trained"] == round(1 * ratio) == saved["epochs"] and ratio > 1
+    dense_steps = json.loads(next(Path(cfg.paths.store_dir).glob("dense-*/metrics.json")).read_text())["global_step"]
+    assert saved["global_step"] == round(dense_steps * ratio) > dense_steps  # steps, not rounded epochs
+    assert saved["lottery/epochs_trained"] == pytest.approx(saved["global_step"] / dense_steps, abs=1e-3)
     assert results["lottery/label"] == "reinit (Scratch-B)"
 
 
