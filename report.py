@@ -96,16 +96,20 @@ def aggregate(rows: list[dict]) -> list[dict]:
     and lr) form a ``dense (unpruned)`` line at sparsity 0.
     """
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for row in rows:
-        groups[(row["label"], round(row["sparsity"], 4))].append(row)
     dense: dict[tuple, dict] = {}
     for row in rows:
-        if row["dense_acc1"] is not None and row["method"] != "dense":
-            suffix = f" lr={row['lr']}" if row["label"].endswith(f" lr={row['lr']}") else ""
-            # one dense net per (seed, lr, model) of the sweep (its stage key can change with config
-            # spellings that do not change the run, so it is not used to tell dense nets apart)
-            dense[(row["seed"], row["model"], suffix)] = {"label": DENSE_LABEL + suffix, "acc1": row["dense_acc1"],
-                                                 "remaining": 1.0, "sparsity": 0.0, "flops": row["dense_flops"]}
+        suffix = f" lr={row['lr']}" if row["label"].endswith(f" lr={row['lr']}") else ""
+        # one dense net per (seed, lr, model) of the sweep (its stage key can change with config
+        # spellings that do not change the run, so it is not used to tell dense nets apart)
+        if row["method"] == "dense":  # a dense job is that net itself: one line with the derived ones
+            dense[(row["seed"], row["model"], suffix)] = {**row, "label": DENSE_LABEL + suffix}
+        else:
+            groups[(row["label"], round(row["sparsity"], 4))].append(row)
+    for row in rows:
+        key = (row["seed"], row["model"], f" lr={row['lr']}" if row["label"].endswith(f" lr={row['lr']}") else "")
+        if row["dense_acc1"] is not None and row["method"] != "dense" and key not in dense:
+            dense[key] = {"label": DENSE_LABEL + key[2], "acc1": row["dense_acc1"], "remaining": 1.0, "sparsity": 0.0,
+                          "flops": row["dense_flops"]}
     for d in dense.values():
         groups[(d["label"], 0.0)].append(d)
     table = []

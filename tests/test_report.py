@@ -97,3 +97,15 @@ def test_report_cli_hydra_callback_and_missing_folder(sweep, tmp_path, capsys):
         ReportOnMultirun(title=3)
     with pytest.raises(FileNotFoundError, match="is not a folder; pass a multirun folder"):
         make_report(tmp_path / "nope")
+
+
+def test_dense_jobs_of_a_rethinking_sweep_are_the_one_dense_line(tmp_path):
+    """A sweep with method=dense jobs (Rethinking's unpruned column) reports each dense net once:
+    the dense jobs and the dense nets the other jobs started from are the same nets."""
+    for seed in (0, 1):
+        fake_job(tmp_path / f"dense{seed}", "dense", 0.0, seed, DENSE[seed])
+        fake_job(tmp_path / f"ft{seed}", "finetune", 0.7, seed, 0.8)
+    table = aggregate(collect(tmp_path)[0])
+    dense = [t for t in table if t["label"].startswith("dense")]
+    assert [(t["label"], t["n"]) for t in dense] == [(DENSE_LABEL, 2)]
+    assert dense[0]["acc1_mean"] == pytest.approx((DENSE[0] + DENSE[1]) / 2)
