@@ -236,6 +236,8 @@ class LotteryProtocol:
         trainer = {k: v for k, v in base["trainer"].items()
                    if k not in _TRAINER_NOT_IN_KEY and not _is_trainer_default(k, v)}
         data = {k: v for k, v in base["data"].items() if k not in _DATA_NOT_IN_KEY}
+        if isinstance(data.get("root"), str):  # ../data and /abs/data are the same data: one key
+            data["root"] = str(Path(data["root"]).expanduser().resolve())
         callbacks = {name: (base.get("callbacks") or {}).get(name) for name in self.dense_callbacks}
         return {"stage": "dense", "version": STAGE_VERSION, "data": data, "model": base["model"],
                 "module": base["module"], "optimizer": base["optimizer"], "scheduler": base.get("scheduler"),

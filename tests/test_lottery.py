@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -153,6 +154,8 @@ def test_three_jobs_of_a_sweep_train_the_dense_stage_once(tmp_path, monkeypatch)
     assert key() == key("protocol.prune.rate=0.5", "protocol.method=finetune", "protocol.finetune.lr=0.1")
     assert key() != key("seed=1") and key() != key("optimizer.lr=0.05") and key() != key("trainer.max_epochs=2")
     assert key() == key("trainer.fast_dev_run=false", "+trainer.max_steps=-1")  # spelled-out Trainer defaults
+    relative = os.path.relpath(tmp_path / "data", Path.cwd())
+    assert key(f"++data.root={relative}") == key(f"++data.root={tmp_path / 'data'}") != key("++data.root=/elsewhere")
     for r in results.values():  # every job's pruned weights are really zero in its final net
         assert r["params_nonzero"] < r["params_total"]
 
