@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from compression.fake_quant import activation_ranges, output_ranges, quant_modules, strip
+from compression.fake_quant import (ActivationQuantizer, activation_qparams, activation_ranges, output_ranges,
+                                     quant_modules, strip)
 
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Relu", "Clip", "Add"]
 
@@ -148,8 +149,6 @@ def _add_range(overrides: dict, tensor: str, low: float, high: float, bits: int 
     if bits < 8:
         if sub8 is not None:
             sub8[tensor] = bits
-        from compression.fake_quant import activation_qparams
-
         scale, zero_point = activation_qparams(torch.tensor(low), torch.tensor(high), bits)
         overrides[tensor] = [{"scale": np.array(float(scale), dtype=np.float32),
                               "zero_point": np.array(int(zero_point), dtype=np.uint8)}]
@@ -237,7 +236,7 @@ def export_int8(qnet: nn.Module, path: str | os.PathLike, input_size: tuple[int,
                                "quantization never ran (calibrate or train with QAT first)")
     modules = dict(quant_modules(qnet))
     layers = set(modules)
-    point_bits = {m.anchor: m.act_bits for m in qnet.modules() if hasattr(m, "anchor")}
+    point_bits = {m.anchor: m.act_bits for m in qnet.modules() if isinstance(m, ActivationQuantizer)}
     plain = strip(qnet, bake_weights=True)
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = export_fp32_onnx(plain, Path(tmp) / "fp32.onnx", input_size)
