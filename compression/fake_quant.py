@@ -184,6 +184,15 @@ class QuantMixin:
     def quantized_weight(self) -> torch.Tensor:
         return fake_quantize_weight(self.weight, self.weight_bits)
 
+    def quantized_forward(self, x: torch.Tensor, compute) -> torch.Tensor:
+        """``compute(input, weight)`` on the fake-quantized input (unless quantized upstream) and weight;
+        in eval mode with the int8 model's bias rounding added per output channel."""
+        x = x if self.input_quantized_upstream else self.quantize_input(x)
+        weight = self.quantized_weight()
+        out = compute(x, weight)
+        offset = None if self.training else self.bias_offset(weight)
+        return out if offset is None else out + offset.view(1, -1, *([1] * (out.dim() - 2)))
+
     @torch.no_grad()
     def bias_offset(self, weight: torch.Tensor) -> torch.Tensor | None:
         """Per-channel term that makes eval outputs use the int8 model's bias (None: no bias anywhere).
@@ -220,11 +229,7 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quant_enabled:
             return self._conv_forward(x, self.weight, self.bias)
-        x = x if self.input_quantized_upstream else self.quantize_input(x)
-        weight = self.quantized_weight()
-        out = self._conv_forward(x, weight, self.bias)
-        offset = None if self.training else self.bias_offset(weight)
-        return out if offset is None else out + offset.view(1, -1, *([1] * (out.dim() - 2)))
+        return self.quantized_forward(x, lambda inputs, weight: self._conv_forward(inputs, weight, self.bias))
 
 
 class QuantLinear(QuantMixin, nn.Linear):
@@ -233,11 +238,7 @@ class QuantLinear(QuantMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quant_enabled:
             return F.linear(x, self.weight, self.bias)
-        x = x if self.input_quantized_upstream else self.quantize_input(x)
-        weight = self.quantized_weight()
-        out = F.linear(x, weight, self.bias)
-        offset = None if self.training else self.bias_offset(weight)
-        return out if offset is None else out + offset
+        return self.quantized_forward(x, lambda inputs, weight: F.linear(inputs, weight, self.bias))
 
 
 class FoldableBatchNorm2d(nn.BatchNorm2d):
