@@ -103,10 +103,11 @@ class _FakeQuantizePerTensor(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int):
-        steps = torch.round(x * scale.reciprocal())
-        low, high = qmin - zero_point, qmax - zero_point
-        if steps.device.type == "cpu":  # scalar bounds are ~2x faster there, and .item() syncs nothing on the CPU
-            low, high = low.item(), high.item()
+        inverse, scale = scale.reciprocal().reshape(()), scale.reshape(())  # float32 1/scale, as torch's kernel
+        low, high = (qmin - zero_point).reshape(()), (qmax - zero_point).reshape(())
+        if x.device.type == "cpu":  # Python numbers: ~6x faster on channels_last, and .item() syncs nothing here
+            inverse, scale, low, high = inverse.item(), scale.item(), low.item(), high.item()
+        steps = x.mul(inverse).round_()
         clamped = steps.clamp(low, high)
         ctx.save_for_backward(clamped == steps)  # inside the range <=> unchanged by the clamp
         return clamped.mul_(scale)
@@ -114,7 +115,7 @@ class _FakeQuantizePerTensor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None, None
+        return torch.where(inside, grad, 0.0), None, None, None, None
 
 
 def fake_quantize_activation(x: torch.Tensor, act_min: torch.Tensor, act_max: torch.Tensor, bits: int) -> torch.Tensor:
