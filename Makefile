@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # The shared CIFAR-10 copy on the project machines; elsewhere data/ (downloaded on first use).
 DATA_ROOT ?= $(shell test -d ../shared/data/cifar10-jpeg && echo ../shared/data/cifar10-jpeg || echo data/cifar10)
 EXPERIMENT ?= quickstart
+# Extra Hydra overrides for make run, e.g. ARGS="trainer.max_epochs=1 data.train_subset=512" (a smoke run).
+ARGS ?=
 
 .PHONY: setup run test bench clean
 
@@ -18,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 run: setup
-	$(BIN)/python run.py experiment=$(EXPERIMENT) data.root=$(DATA_ROOT)
+	$(BIN)/python run.py experiment=$(EXPERIMENT) data.root=$(DATA_ROOT) $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -36,17 +36,33 @@ def _get(config: dict, dotted: str) -> Any:
     return node
 
 
+def _compression_label(config: dict) -> str:
+    """A plain run's label: its compression entries (callbacks built from conf/compression), or dense."""
+    entries = [name for name, entry in (config.get("callbacks") or {}).items()
+               if isinstance(entry, dict) and str(entry.get("_target_", "")).startswith("callbacks.")
+               and name != "noop"]
+    return "+".join(entries) or "dense"
+
+
+def _fraction(part: Any, whole: Any) -> float | None:
+    return float(part) / float(whole) if part is not None and whole else None
+
+
 def _row(path: Path, r: dict) -> dict:
     config = r.get("config") or {}
     sparsity = r.get("lottery/sparsity", r.get("compress/sparsity")) or 0.0
+    method = r.get("lottery/method") or "run"
     return {
-        "dir": str(path.parent), "label": r.get("lottery/label") or r.get("lottery/method") or "run",
-        "method": r.get("lottery/method") or "run", "lr": _get(config, "optimizer.lr"), "seed": r.get("seed"),
+        "dir": str(path.parent), "label": r.get("lottery/label") or r.get("lottery/method") or _compression_label(config),
+        "method": method, "lr": _get(config, "optimizer.lr"), "seed": r.get("seed"),
         "model": r.get("model_name"), "round": r.get("lottery/round", 0) or 0, "sparsity": float(sparsity),
         "remaining": 1.0 - float(sparsity), "acc1": r.get("test/acc1"),
         "flops": r.get("lottery/effective_flops", r.get("flops")), "dense_acc1": r.get("lottery/dense_test_acc1"),
         "dense_flops": r.get("lottery/dense_flops"), "dense_key": r.get("lottery/dense_key"),
         "train_time_s": r.get("train_time_s"), "reused": bool(r.get("lottery/reused_stage")),
+        # whole-net fractions of the dense parent (structured pruning: not the kept-filter fraction)
+        "params_fraction": _fraction(r.get("params_nonzero"), r.get("lottery/dense_params")),
+        "flops_fraction": r.get("lottery/flops_fraction"),
     }
 
 
@@ -78,6 +94,9 @@ def collect(root: str | Path) -> tuple[list[dict], list[dict]]:
     for job in _job_dirs(root):
         if job not in seen:
             failed.append({"dir": str(job), "error": "no results.json (killed before it was written?)"})
+    if not rows and not failed:
+        raise FileNotFoundError(f"report: no results.json and no Hydra job folder under {str(root)!r}; pass a "
+                                "multirun folder (logs/<task_name>/multiruns/<date>_<time>) or a run folder")
     if len({row["lr"] for row in rows}) > 1:  # a sweep over lr: one line per (method, lr)
         for row in rows:
             row["label"] = f"{row['label']} lr={row['lr']}"
@@ -109,16 +128,23 @@ def aggregate(rows: list[dict]) -> list[dict]:
         key = (row["seed"], row["model"], f" lr={row['lr']}" if row["label"].endswith(f" lr={row['lr']}") else "")
         if row["dense_acc1"] is not None and row["method"] != "dense" and key not in dense:
             dense[key] = {"label": DENSE_LABEL + key[2], "acc1": row["dense_acc1"], "remaining": 1.0, "sparsity": 0.0,
-                          "flops": row["dense_flops"]}
+                          "flops": row["dense_flops"], "params_fraction": 1.0, "flops_fraction": 1.0}
     for d in dense.values():
         groups[(d["label"], 0.0)].append(d)
     table = []
     for (label, sparsity), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         mean, std = _stats([float(m["acc1"]) for m in members])
-        flops = [m["flops"] for m in members if m.get("flops") is not None]
         table.append({"label": label, "sparsity": sparsity, "remaining": 1.0 - sparsity, "n": len(members),
-                      "acc1_mean": mean, "acc1_std": std, "flops_mean": statistics.fmean(flops) if flops else None})
+                      "acc1_mean": mean, "acc1_std": std, "flops_mean": _mean_of(members, "flops"),
+                      "params_fraction": _mean_of(members, "params_fraction"),
+                      "flops_fraction": _mean_of(members, "flops_fraction")})
     return table
+
+
+def _mean_of(members: list[dict], key: str) -> float | None:
+    """Mean of ``key`` over the members that have it (None when none has)."""
+    values = [m[key] for m in members if m.get(key) is not None]
+    return statistics.fmean(values) if values else None
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -128,21 +154,30 @@ def _fmt(value: float | None, spec: str) -> str:
 def write_csv(table: list[dict], path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "sparsity", "remaining", "n", "test_acc1_mean", "test_acc1_std", "flops_mean"])
+        writer.writerow(["method", "pruned_layer_sparsity", "pruned_layer_remaining", "params_fraction",
+                         "flops_fraction", "n", "test_acc1_mean", "test_acc1_std", "flops_mean"])
         for t in table:
-            writer.writerow([t["label"], f"{t['sparsity']:.4f}", f"{t['remaining']:.4f}", t["n"],
+            writer.writerow([t["label"], f"{t['sparsity']:.4f}", f"{t['remaining']:.4f}",
+                             _fmt(t["params_fraction"], ".4f"), _fmt(t["flops_fraction"], ".4f"), t["n"],
                              f"{t['acc1_mean']:.6f}", _fmt(t["acc1_std"], ".6f"), _fmt(t["flops_mean"], ".0f")])
 
 
 def write_markdown(table: list[dict], failed: list[dict], path: Path, title: str, root: Path) -> None:
     lines = [f"# {title}", "", f"Sweep folder: `{root}`; regenerate with `python report.py {root}`.", "",
-             "Test top-1 accuracy (%), mean +- sample std over seeds (n runs).", "",
-             "| method | weights remaining | n | test acc1 (%) | FLOPs (M) |", "|---|---:|---:|---:|---:|"]
+             "Test top-1 accuracy (%), mean +- sample std over seeds (n runs). *Pruned layers*: the kept "
+             "fraction of the pruned layers' weights (unstructured) or filters/channels (structured); "
+             "*params* and *FLOPs*: the whole net's non-zero parameters and FLOPs as a fraction of its dense "
+             "parent (blank where the run records no parent).", "",
+             "| method | pruned layers remaining | params (whole net) | FLOPs (whole net) | n | test acc1 (%) "
+             "| FLOPs (M) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for t in table:
         std = f" +- {100 * t['acc1_std']:.2f}" if t["acc1_std"] is not None else ""
         flops = _fmt(t["flops_mean"] / 1e6 if t["flops_mean"] else None, ".2f")
-        lines.append(f"| {t['label']} | {100 * t['remaining']:.1f}% | {t['n']} | {100 * t['acc1_mean']:.2f}{std} "
-                     f"| {flops} |")
+        params_fraction = _fmt(100 * t["params_fraction"] if t["params_fraction"] is not None else None, ".1f")
+        flops_fraction = _fmt(100 * t["flops_fraction"] if t["flops_fraction"] is not None else None, ".1f")
+        lines.append(f"| {t['label']} | {100 * t['remaining']:.1f}% | {params_fraction + '%' if params_fraction else ''} "
+                     f"| {flops_fraction + '%' if flops_fraction else ''} | {t['n']} "
+                     f"| {100 * t['acc1_mean']:.2f}{std} | {flops} |")
     lines += ["", f"Failed jobs: {len(failed)}"]
     lines += [f"- `{f['dir']}`: {f['error'].splitlines()[0] if f['error'] else ''}" for f in failed]
     path.write_text("\n".join(lines) + "\n")
@@ -216,7 +251,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="where to write the report (default: the folder itself)")
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)
-    for path in make_report(args.folder, args.out, args.title):
+    try:
+        written = make_report(args.folder, args.out, args.title)
+    except FileNotFoundError as exc:
+        parser.exit(2, f"{exc}\n")
+    for path in written:
         print(path)
 
 

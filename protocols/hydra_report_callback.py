@@ -1,10 +1,10 @@
-"""A Hydra callback that writes the lottery report (report.py) into the sweep folder when a multirun ends.
+"""A Hydra callback that writes report.py's tables and plots into the sweep folder when a multirun ends.
 
-Enable it in a preset (the lottery presets do):
+conf/hydra/default.yaml enables it for every multirun; a preset may set its title:
     hydra:
       callbacks:
         report:
-          _target_: protocols.hydra_report_callback.ReportOnMultirun
+          title: "..."
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class ReportOnMultirun(Callback):
             from report import make_report
 
             written = make_report(sweep_dir, title=self.title)
-            log.info("lottery report written: %s", ", ".join(str(p) for p in written))
+            log.info("report written: %s", ", ".join(str(p) for p in written))
         except Exception as exc:  # noqa: BLE001 - the sweep itself succeeded
             log.error("report.py failed on %s: %s: %s (rerun: python report.py %s)", sweep_dir,
                       type(exc).__name__, exc, sweep_dir)

@@ -384,7 +384,8 @@ class LotteryProtocol:
         extra = {"lottery/method": self.method, "lottery/label": self.label, "lottery/round": 0,
                  "lottery/sparsity": 0.0, "lottery/remaining": 1.0, "lottery/dense_key": dense_dir.name,
                  "lottery/rewind_step": self.rewind_step, "lottery/prune_kind": self.prune["kind"],
-                 "lottery/dense_test_acc1": dense_metrics.get("test/acc1")}
+                 "lottery/dense_test_acc1": dense_metrics.get("test/acc1"),
+                 "lottery/dense_params": dense_metrics.get("params_nonzero")}
         masks = None
         if self.method == "dense":
             results, objects = evaluate(cfg, load_stage_net(dense_dir), dense_metrics)
@@ -530,7 +531,7 @@ def fit_stage(base: dict, folder: Path, start: torch.nn.Module | None = None, ma
               callbacks: Sequence = (), test: bool = False, keep: Sequence[str] = ()) -> tuple[torch.nn.Module, dict]:
     """Fit a shared stage with the job's data/model/optimizer/schedule (no logger, no checkpoints;
     of the job's callbacks only those named in ``keep``)."""
-    from evaluation.model_stats import count_flops
+    from evaluation.model_stats import count_flops, count_parameters
     from run import build
 
     datamodule, module, trainer = build(_stage_config(base, folder, keep))
@@ -547,6 +548,7 @@ def fit_stage(base: dict, folder: Path, start: torch.nn.Module | None = None, ma
         metrics.update(tested[0] if tested else {})
     net = module.net.cpu()
     metrics["flops"] = count_flops(net, tuple(datamodule.input_size))
+    metrics["params_nonzero"] = count_parameters(net)[1]
     return net, metrics
 
 

@@ -13,6 +13,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+import pipeline.resolvers  # noqa: F401  (${launch_dir:} in conf/paths)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 torch.set_num_threads(1)  # tiny models: thread overhead dominates; also steadier on shared cores
@@ -27,7 +29,10 @@ TINY = TINY_DATA + TINY_RUN
 
 
 def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
-    """The real config with ``overrides``, its Hydra runtime pointed at ``output_dir``."""
+    """The real config with ``overrides``, its Hydra runtime pointed at ``output_dir``.
+
+    In-process only: it cannot see a broken default of hydra.run.dir or of the Hydra launch itself;
+    tests/test_user_path.py runs ``python run.py`` and ``make run`` as a user would for that."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
@@ -36,7 +41,6 @@ def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
         cfg.hydra.runtime.output_dir = str(output_dir)
         cfg.hydra.runtime.cwd = str(ROOT)
         cfg.hydra.job.num = 0
-        cfg.hydra.job.id = "test"
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]  # as in a real run: the app config without the hydra node

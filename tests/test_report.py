@@ -31,6 +31,9 @@ def fake_job(folder: Path, label: str, sparsity: float, seed: int, acc: float | 
         "lottery/label": label, "lottery/sparsity": sparsity, "lottery/round": 1,
         "lottery/effective_flops": 1000 * (1 - sparsity), "lottery/dense_flops": 1000,
         "lottery/dense_test_acc1": DENSE[seed], "lottery/dense_key": f"dense-{seed}",
+        # whole-net figures: structured pruning of some layers keeps more params than those layers' fraction
+        "params_nonzero": 800 * (1 - sparsity) + 200, "lottery/dense_params": 1000,
+        "lottery/flops_fraction": 1 - sparsity,
         "config": {"optimizer": {"lr": 0.01}}})
 
 
@@ -53,7 +56,7 @@ def reference(values):
 
 def test_report_means_std_and_failed_jobs(sweep):
     written = make_report(sweep, title="fake")
-    rows = {(r["method"], round(float(r["sparsity"]), 4)): r for r in csv.DictReader((sweep / "report.csv").open())}
+    rows = {(r["method"], round(float(r["pruned_layer_sparsity"]), 4)): r for r in csv.DictReader((sweep / "report.csv").open())}
     assert len(rows) == len(ACC) + 1
     for (label, sparsity), accs in ACC.items():
         row = rows[(label, sparsity)]
@@ -61,12 +64,14 @@ def test_report_means_std_and_failed_jobs(sweep):
         assert int(row["n"]) == 3
         assert float(row["test_acc1_mean"]) == pytest.approx(mean, abs=1e-6)
         assert float(row["test_acc1_std"]) == pytest.approx(std, abs=1e-6)
-        assert float(row["remaining"]) == pytest.approx(1 - sparsity, abs=1e-4)
+        assert float(row["pruned_layer_remaining"]) == pytest.approx(1 - sparsity, abs=1e-4)
     dense = rows[(DENSE_LABEL, 0.0)]
     assert int(dense["n"]) == 3 and float(dense["test_acc1_mean"]) == pytest.approx(reference(list(DENSE.values()))[0])
     md = (sweep / "report.md").read_text()
     assert "Failed jobs: 2" in md and "CUDA out of memory" in md and "no results.json" in md
-    assert "| rewind k=0 | 51.2% | 3 | 87.00 +- 2.65 |" in md
+    # pruned layers keep 51.2%, the whole net 0.8 * 51.2% + 20% = 61.0% of its parameters
+    assert "| rewind k=0 | 51.2% | 61.0% | 51.2% | 3 | 87.00 +- 2.65 |" in md
+    assert float(rows[("rewind k=0", 0.488)]["params_fraction"]) == pytest.approx(0.8 * 0.512 + 0.2)
     for path in written:
         assert path.is_file() and path.stat().st_size > 0
     for png in ("acc_vs_remaining.png", "acc_vs_flops.png"):
@@ -97,6 +102,28 @@ def test_report_cli_hydra_callback_and_missing_folder(sweep, tmp_path, capsys):
         ReportOnMultirun(title=3)
     with pytest.raises(FileNotFoundError, match="is not a folder; pass a multirun folder"):
         make_report(tmp_path / "nope")
+
+
+def test_report_refuses_a_folder_without_runs(tmp_path, capsys):
+    """An empty or non-sweep folder is an error (exit 2), not an empty report that looks like a result."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "not_a_sweep" / "notes").mkdir(parents=True)
+    for folder in ("empty", "not_a_sweep"):
+        with pytest.raises(FileNotFoundError, match="no results.json and no Hydra job folder"):
+            make_report(tmp_path / folder)
+        with pytest.raises(SystemExit) as exit_info:
+            report_main([str(tmp_path / folder)])
+        assert exit_info.value.code == 2 and "pass a multirun folder" in capsys.readouterr().err
+        assert not (tmp_path / folder / "report.md").exists()
+
+
+def test_plain_sweep_jobs_are_labelled_by_their_compression_entries(tmp_path):
+    for name, callbacks in {"a": {}, "b": {"magnitude_pruning": {"_target_": "callbacks.magnitude_pruning.X"},
+                                           "model_checkpoint": {"_target_": "pytorch_lightning.callbacks.X"}}}.items():
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        write_results(tmp_path / name, {"status": "ok", "seed": 0, "test/acc1": 0.5,
+                                        "config": {"callbacks": callbacks}})
+    assert sorted(r["label"] for r in collect(tmp_path)[0]) == ["dense", "magnitude_pruning"]
 
 
 def test_dense_jobs_of_a_rethinking_sweep_are_the_one_dense_line(tmp_path):

@@ -208,7 +208,8 @@ def test_ddp_on_two_cpu_processes_writes_results_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_leaves_a_failed_record(tmp_path):
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])  # SIGINT = Ctrl-C (Lightning calls sys.exit)
+def test_killed_run_leaves_a_failed_record(tmp_path, signal_name):
     import signal
     import subprocess
     import sys
@@ -223,7 +224,7 @@ def test_killed_run_leaves_a_failed_record(tmp_path):
         time.sleep(0.5)
     assert json.loads((out / "results.json").read_text())["status"] == "running"
     time.sleep(3)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(getattr(signal, signal_name))
     process.wait(timeout=120)
     saved = json.loads((out / "results.json").read_text())
-    assert saved["status"] == "failed" and "SIGTERM" in saved["error"]
+    assert saved["status"] == "failed" and signal_name in saved["error"], saved["error"]
