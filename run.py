@@ -10,6 +10,7 @@ output folder, also when it fails.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -26,9 +27,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import models  # noqa: F401  (registers the CIFAR networks in timm)
+import pipeline.resolvers  # noqa: F401  (${launch_dir:} in conf/paths)
+from pipeline.config_checks import check_config
+from pipeline.entries import reshaping_entries
 from evaluation import model_stats, provenance
 from evaluation.results import new_results, write_results
-from lightning_modules.checkpoint_io import load_net, read_checkpoint
+from lightning_modules.checkpoint_io import SavedNet, build_net, check_same_model, read_saved_net
 from models.serialization import save_model
 
 
@@ -62,27 +66,39 @@ def model_kwargs(cfg: DictConfig) -> dict:
             if k not in ("_target_", "name", "pretrained")}
 
 
-def initial_weights(net, path: str):
-    """The network of ``init_from`` (a run's .ckpt or model.pt, thinned or not) in place of a fresh init."""
-    loaded = load_net(path, key="init_from")
+def initial_weights(net, saved: SavedNet | str, spec: dict | None = None):
+    """The network of ``init_from`` (a run's .ckpt or model.pt, thinned or not) in place of a fresh init.
+
+    Refused when it holds another model than the config's (``spec``): another model.name, width or
+    class count would be trained while the config and results.json name the configured one.
+    """
+    if not isinstance(saved, SavedNet):
+        saved = read_saved_net(saved, key="init_from")
+    loaded = build_net(saved)
     expected = net.get_classifier().out_features
     got = loaded.get_classifier().out_features
     if got != expected:
-        raise ValueError(f"init_from={path!r} has {got} classes but the data has {expected}; "
+        raise ValueError(f"init_from={str(saved.path)!r} has {got} classes but the data has {expected}; "
                          "point init_from at a run on the same data set")
+    if spec is not None:
+        check_same_model(saved, net, spec, thinned_by=None)
     return loaded.train()
 
 
 def build(cfg: DictConfig):
     """Datamodule, module, callbacks and trainer from config; every check that can fail runs here."""
+    check_config(cfg)  # every value, key and _target_ argument, before any data is read
     pl.seed_everything(cfg.seed, workers=True)
-    if cfg.ckpt_path:
-        read_checkpoint(cfg.ckpt_path, key="ckpt_path")
+    resume = read_saved_net(cfg.ckpt_path, key="ckpt_path", mmap=True) if cfg.ckpt_path else None
+    init = read_saved_net(cfg.init_from, key="init_from") if cfg.get("init_from") else None
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model, num_classes=datamodule.num_classes)
-    if cfg.get("init_from"):
-        net = initial_weights(net, cfg.init_from)
     spec = {"model_name": cfg.model.name, "num_classes": datamodule.num_classes, "model_kwargs": model_kwargs(cfg)}
+    if resume is not None:  # the checkpoint's network is this config's model (thinned only by its compression)
+        thinned_by = reshaping_entries(cfg.get("callbacks")) + (["protocol"] if cfg.get("protocol") else [])
+        check_same_model(resume, net, spec, thinned_by=thinned_by)
+    if init is not None:
+        net = initial_weights(net, init, spec)
     module = instantiate(
         cfg.module, net=net, net_spec=spec,
         optimizer=hydra.utils.instantiate(cfg.optimizer),
@@ -116,6 +132,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
         return run_protocol(cfg)
     datamodule, module, trainer = build(cfg)
+    # one image through the net: Lightning's model summary then shows real FLOPs (and sizes), not 0
+    module.example_input_array = torch.zeros(1, *datamodule.input_size)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     train_time = time.perf_counter() - start
@@ -143,18 +161,22 @@ def print_summary(results: dict) -> None:
 
 
 class Terminated(Exception):
-    """The job received SIGTERM (killed by the user or the cluster scheduler)."""
+    """The job received SIGTERM (killed by the user or the cluster scheduler) or SIGINT (Ctrl-C).
+
+    An ordinary exception on purpose: Lightning turns a KeyboardInterrupt into ``sys.exit(1)``,
+    which would leave results.json saying "running"; this one reaches run()'s handler."""
 
 
 def _raise_terminated(signum, frame) -> None:
-    raise Terminated("received SIGTERM")
+    name = "SIGINT (Ctrl-C)" if signum == signal.SIGINT else signal.Signals(signum).name
+    raise Terminated(f"received {name}")
 
 
-def _on_sigterm(handler):
-    """Install a SIGTERM handler (main thread only); returns the previous one."""
-    if threading.current_thread() is not threading.main_thread() or handler is None:
+def _install_signal_handlers(handlers: dict | None) -> dict | None:
+    """Install {signal: handler} (main thread only); returns the previous handlers."""
+    if threading.current_thread() is not threading.main_thread() or handlers is None:
         return None
-    return signal.signal(signal.SIGTERM, handler)
+    return {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
 
 
 def run(cfg: DictConfig) -> dict:
@@ -164,7 +186,7 @@ def run(cfg: DictConfig) -> dict:
     objects: dict = {}
     if rank_zero_only.rank == 0:
         write_results(output_dir, results)  # status "running": a killed job still leaves a record
-    previous_handler = _on_sigterm(_raise_terminated)
+    previous_handlers = _install_signal_handlers({signal.SIGTERM: _raise_terminated, signal.SIGINT: _raise_terminated})
     try:
         metrics, objects = train(cfg)
         if not objects["trainer"].is_global_zero:
@@ -172,12 +194,12 @@ def run(cfg: DictConfig) -> dict:
         results.update(metrics)
         results.update(measure(objects["module"], objects["datamodule"], output_dir, cfg))
         results["status"] = "ok"
-    except (Exception, KeyboardInterrupt) as exc:
+    except BaseException as exc:  # SystemExit too: whatever ends the run, results.json says so
         results.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         write_results(output_dir, results)
         raise
     finally:
-        _on_sigterm(previous_handler)
+        _install_signal_handlers(previous_handlers)
     write_results(output_dir, results)
     for logger in objects["trainer"].loggers:
         if type(logger).__name__ == "WandbLogger":
@@ -206,4 +228,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from pipeline.preflight import preflight_or_exit
+
+    preflight_or_exit(sys.argv[1:])  # command-line mistakes: one line on stderr, exit 2, before Hydra
     main()

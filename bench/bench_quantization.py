@@ -8,8 +8,10 @@ threads (1 by default: the machine's cores are shared and noisy, so compare rati
 Tables:
 1. training step (forward + backward + SGD, batch 128, ResNet-20 CIFAR): fp32 vs 8-bit fake quant;
 2. inference latency (median ms) at batch 1 and 64 and model size: PyTorch fp32 eager,
-   onnxruntime fp32 (same BN-folded graph), onnxruntime int8 QDQ, for resnet20_cifar (32x32)
-   and timm resnet18 (``--resnet18-size``, 224 by default);
+   onnxruntime fp32 (same BN-folded graph), onnxruntime int8 QDQ, timed interleaved in one
+   window (``evaluation.model_stats.interleaved_latency_ms``, as a run's ``int8/*`` keys are), for
+   resnet20_cifar (32x32) and timm resnet18 (``--resnet18-size``, 224 by default). "ORT fp32/int8"
+   is the speed-up of quantization alone; "torch/int8" mixes runtime and quantization;
 3. with ``--runs``: test/acc1, int8/test/acc1 and int8/agreement read from run folders' results.json.
 """
 from __future__ import annotations
@@ -29,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402,F401
 from callbacks.quantization_aware_training import QuantizationAwareTraining  # noqa: E402
 from compression import fake_quant as fq  # noqa: E402
-from compression.int8_export import export_fp32_onnx, export_int8, latency_ms, session  # noqa: E402
-from evaluation.model_stats import measure_latency_ms  # noqa: E402
+from compression.int8_export import export_fp32_onnx, export_int8, ort_runner, session  # noqa: E402
+from evaluation.model_stats import eager_runner, interleaved_latency_ms  # noqa: E402
 from models.factory import create_model  # noqa: E402
 from models.serialization import save_model  # noqa: E402
 
@@ -77,8 +79,8 @@ def bench_step(args) -> None:
 
 
 def bench_int8(args) -> None:
-    print(f"\n## inference, {args.threads} thread(s), median ms (batch 1: {args.repeats} runs, batch 64: "
-          f"{args.repeats_64} runs)")
+    print(f"\n## inference, {args.threads} thread(s), median ms, interleaved (batch 1: {args.repeats} rounds, "
+          f"batch 64: {args.repeats_64} rounds)")
     print("| model | batch | torch fp32 | ORT fp32 | ORT int8 | torch/int8 | ORT fp32/int8 | size fp32 | size int8 | "
           "size ratio |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, size in (("resnet20_cifar", 32), ("resnet18", args.resnet18_size)):
@@ -99,16 +101,18 @@ def bench_int8(args) -> None:
             s32, s8 = session(fp32_onnx, args.threads), session(int8_onnx, args.threads)
             for batch in (1, 64):
                 repeats = args.repeats if batch == 1 else args.repeats_64
-                t = measure_latency_ms(plain, input_size, batch_size=batch, warmup=2, repeats=repeats)
-                o32 = latency_ms(s32, input_size, batch, warmup=2, repeats=repeats)
-                o8 = latency_ms(s8, input_size, batch, warmup=2, repeats=repeats)
+                ms = interleaved_latency_ms({"torch": eager_runner(plain, input_size, batch),
+                                             "ort32": ort_runner(s32, input_size, batch),
+                                             "ort8": ort_runner(s8, input_size, batch)}, warmup=2, repeats=repeats)
+                t, o32, o8 = ms["torch"], ms["ort32"], ms["ort8"]
                 print(f"| {name} {size}x{size} | {batch} | {t:.2f} | {o32:.2f} | {o8:.2f} | {t / o8:.2f}x | "
                       f"{o32 / o8:.2f}x | {fp32_bytes} | {int8_bytes} | {fp32_bytes / int8_bytes:.2f}x |")
 
 
 def runs_table(runs: list[str]) -> None:
     print("\n## real runs (results.json)")
-    print("| run | test/acc1 | int8/test/acc1 | int8/agreement | train_time_s | folder |\n|---|---|---|---|---|---|")
+    print("| run | test/acc1 | int8/test/acc1 | int8/agreement | int8 vs fp32 ORT, b1 / b64 | train_time_s | folder |\n"
+          "|---|---|---|---|---|---|---|")
     for item in runs:
         label, _, folder = item.partition("=")
         r = json.loads((Path(folder) / "results.json").read_text())
@@ -118,7 +122,8 @@ def runs_table(runs: list[str]) -> None:
             return f"{value:.4f}" if isinstance(value, float) else str(value if value is not None else "-")
 
         print(f"| {label} | {f('test/acc1')} | {f('int8/test/acc1')} | {f('int8/agreement')} | "
-              f"{f('train_time_s')} | {folder} |")
+              f"{f('int8/speedup_vs_fp32_ort')} / {f('int8/speedup_vs_fp32_ort_b64')} | {f('train_time_s')} | "
+              f"{folder} |")
 
 
 def main() -> None:

@@ -66,7 +66,12 @@ class BNGammaSparsity(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._collect(pl_module.net)
+            self._collect(pl_module.net)  # a model without BN fails here, before training
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Again after a resume: restoring a slimmed checkpoint resizes the net in place (same module
+        # object, new gamma Parameters), so the tensors found in setup would get no penalty.
+        self._collect(pl_module.net)
 
     def _collect(self, net: nn.Module) -> None:
         self._net = net

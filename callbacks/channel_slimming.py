@@ -113,6 +113,8 @@ class ChannelSlimming(pl.Callback):
         if max_epochs is not None and max_epochs > 0 and self.at_epochs[-1] > max_epochs and not trainer.fast_dev_run:
             raise ValueError(f"`{KEY}.at_epochs` {self.at_epochs} goes past trainer.max_epochs={max_epochs}; "
                              f"the run's epochs are train + fine-tune, e.g. max_epochs=200 with at_epochs=[160]")
+        if self.history:  # resumed after a slimming pass: its figures come from the checkpoint's history
+            self._report(pl_module)
 
     def slim(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio: float, finetune: bool) -> None:
         net = pl_module.net
@@ -128,9 +130,14 @@ class ChannelSlimming(pl.Callback):
         record = {"epoch": trainer.current_epoch, "prune_ratio": ratio, "params_before": before,
                   "params_after": after, "channels_before": channels_before, "channels_after": channels_after}
         self.history.append(record)
-        pl_module.report_result("compress/slimming", list(self.history))
-        pl_module.report_result("compress/channels_pruned", 1.0 - channels_after / channels_before)
-        pl_module.report_result("compress/params_ratio", after / self.history[0]["params_before"])
+        self._report(pl_module)
+
+    def _report(self, pl_module: pl.LightningModule) -> None:
+        """results.json figures, all derived from ``history`` (so a resumed run reports the same)."""
+        first, last = self.history[0], self.history[-1]
+        pl_module.report_result("compress/slimming", [dict(r) for r in self.history])
+        pl_module.report_result("compress/channels_pruned", 1.0 - last["channels_after"] / first["channels_before"])
+        pl_module.report_result("compress/params_ratio", last["params_after"] / first["params_before"])
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch

@@ -3,11 +3,12 @@
 Training loss of the student (the task weight and the extra term go through the module's
 contract, ``set_task_loss_weight`` and ``add_loss_term``):
 
-    loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(p_T || softmax(student / T))
+    loss = ce_weight * CE(student, labels) + kd_weight * T^2 * KL(p_T || softmax(student / T))
 
 where p_T is the teacher's softmax(logits / T), or the mean of several teachers' (an ensemble).
-Defaults T = 4, alpha = 0.1 are RepDistiller's (Tian et al. 2020, "Contrastive Representation
-Distillation": ``-r 0.1 -a 0.9``, T = 4). Optionally a feature term is added:
+Defaults T = 4, ce_weight = 0.1, kd_weight = 0.9 are RepDistiller's (Tian et al. 2020,
+"Contrastive Representation Distillation": ``-r 0.1 -a 0.9``, T = 4; their ``alpha``, ``-a``, is
+the KD weight). Optionally a feature term is added:
 
 * ``feature_loss: fitnets`` (Romero et al. 2015): MSE between a learned 1x1-conv adapter of a
   student feature map and the teacher's; the adapters are registered with
@@ -95,6 +96,20 @@ def feature_shapes(net: nn.Module, names: list[str], input_size: Sequence[int], 
     return [shapes[name] for name in names]
 
 
+def reject_alpha(alpha: Any) -> None:
+    """Refuse the removed ``alpha`` key: its meaning (the CE weight) was the reverse of the papers'."""
+    if alpha is None:
+        return
+    hint = ""
+    if not isinstance(alpha, bool) and isinstance(alpha, (int, float)):
+        hint = f" (for the old alpha={alpha}: {KEY}.ce_weight={alpha} {KEY}.kd_weight={1 - alpha:g})"
+    raise ValueError(f"`{KEY}.alpha` was removed; got alpha={alpha!r}. It weighed the cross-entropy term "
+                     f"(loss = alpha * CE + (1 - alpha) * KD), the reverse of the usual convention (RepDistiller's "
+                     f"alpha, -a, weighs the KD term). "
+                     f"Set `{KEY}.ce_weight` (cross-entropy weight, default 0.1) and `{KEY}.kd_weight` "
+                     f"(distillation weight, default 0.9) instead{hint}, and drop alpha")
+
+
 class KnowledgeDistillation(pl.Callback):
     """Distil one teacher or an ensemble into the student through an extra loss term.
 
@@ -103,7 +118,10 @@ class KnowledgeDistillation(pl.Callback):
             included), a timm model name, or ``initial`` (a frozen copy of the student at fit
             start: with ``init_from`` the dense parent teaches its pruned/slimmed version).
         temperature: softmax temperature T (> 0); the KL term is multiplied by T^2.
-        alpha: weight of the cross-entropy with the labels in [0, 1]; the KD term gets 1 - alpha.
+        ce_weight: weight of the cross-entropy with the labels, in [0, 1] (RepDistiller's ``-r``).
+        kd_weight: weight of the T^2-scaled KL term, >= 0 (RepDistiller's ``alpha``, ``-a``).
+        alpha: removed (it weighed the cross-entropy, the reverse of RepDistiller's alpha); setting it
+            raises an error that says which of ce_weight / kd_weight to set instead.
         pretrained: timm-name teachers load their pretrained weights (must be available offline);
             false builds a random teacher (smoke tests only).
         teacher_kwargs: extra ``create_model`` arguments for timm-name teachers.
@@ -113,14 +131,18 @@ class KnowledgeDistillation(pl.Callback):
         feature_weight: weight of the feature term; null = RepDistiller's (fitnets 100, attention 1000).
     """
 
-    def __init__(self, teachers: Any, temperature: float = 4.0, alpha: float = 0.1, pretrained: bool = True,
-                 teacher_kwargs: dict | None = None, feature_loss: str | None = None,
+    def __init__(self, teachers: Any, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9,
+                 pretrained: bool = True, teacher_kwargs: dict | None = None, feature_loss: str | None = None,
                  student_layers: Any = None, teacher_layers: Any = None,
-                 feature_weight: float | None = None) -> None:
+                 feature_weight: float | None = None, alpha: Any = None) -> None:
         super().__init__()
+        reject_alpha(alpha)
         self.sources = check_sources(_plain(teachers), f"{KEY}.teachers")
         self.temperature = _number(temperature, f"{KEY}.temperature", 0.0, None, True, "a number > 0 (e.g. 4)")
-        self.alpha = _number(alpha, f"{KEY}.alpha", 0.0, 1.0, False, "in [0, 1] (the cross-entropy weight)")
+        self.ce_weight = _number(ce_weight, f"{KEY}.ce_weight", 0.0, 1.0, False,
+                                 "in [0, 1] (the weight of the cross-entropy with the labels, e.g. 0.1)")
+        self.kd_weight = _number(kd_weight, f"{KEY}.kd_weight", 0.0, None, False,
+                                 "a number >= 0 (the weight of the T^2 * KL distillation term, e.g. 0.9)")
         if not isinstance(pretrained, bool):
             raise ValueError(f"`{KEY}.pretrained` must be true or false; got {pretrained!r}")
         self.pretrained = pretrained
@@ -133,6 +155,9 @@ class KnowledgeDistillation(pl.Callback):
         if feature_loss is not None and feature_loss not in FEATURE_LOSSES:
             raise ValueError(f"`{KEY}.feature_loss` must be one of null, {', '.join(FEATURE_LOSSES)}; got {feature_loss!r}")
         self.feature_loss = feature_loss
+        if self.ce_weight == 0 and self.kd_weight == 0 and feature_loss is None:
+            raise ValueError(f"`{KEY}.ce_weight` and `{KEY}.kd_weight` are both 0, so the loss would be 0; "
+                             "set at least one of them > 0 (defaults 0.1 and 0.9)")
         self.student_patterns = _names(student_layers, f"{KEY}.student_layers")
         self.teacher_patterns = _names(teacher_layers, f"{KEY}.teacher_layers") or list(self.student_patterns)
         if feature_loss is not None:
@@ -185,9 +210,9 @@ class KnowledgeDistillation(pl.Callback):
         self.teachers = [load_teacher(s, student, self.pretrained, self.teacher_kwargs, f"{KEY}.teachers")
                          for s in self.sources]
         self.described = [self._describe(s) for s in self.sources]
-        pl_module.set_task_loss_weight(self.alpha)
+        pl_module.set_task_loss_weight(self.ce_weight)
         pl_module.remove_loss_term("kd")
-        pl_module.add_loss_term("kd", self._kd_term, weight=1.0 - self.alpha)
+        pl_module.add_loss_term("kd", self._kd_term, weight=self.kd_weight)
         if self.feature_loss is not None:
             self._setup_features(trainer, pl_module)
         pl_module.report_result("kd/teachers", list(self.described))
@@ -222,7 +247,7 @@ class KnowledgeDistillation(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After strategy.setup: the student is on its device and in its precision; so go the teachers.
         plugin = trainer.strategy.precision_plugin
-        memory_format = torch.channels_last if getattr(pl_module, "channels_last", False) else torch.preserve_format
+        memory_format = getattr(pl_module, "memory_format", torch.preserve_format)
         self.teachers = [plugin.convert_module(t).to(device=pl_module.device, memory_format=memory_format)
                          for t in self.teachers]
         if self._loaded_state is not None and self._loaded_state.get("teachers") != self.described:
@@ -320,8 +345,8 @@ class KnowledgeDistillation(pl.Callback):
 
     # ----- state: the teachers' sources (weights are never saved with the student) -------------
     def state_dict(self) -> dict[str, Any]:
-        return {"teachers": list(self.described), "temperature": self.temperature, "alpha": self.alpha,
-                "feature_loss": self.feature_loss}
+        return {"teachers": list(self.described), "temperature": self.temperature, "ce_weight": self.ce_weight,
+                "kd_weight": self.kd_weight, "feature_loss": self.feature_loss}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = dict(state_dict)

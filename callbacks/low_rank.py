@@ -71,8 +71,18 @@ class LowRankDecomposition(pl.Callback):
         self.report: dict[str, Any] = {}  # empty until decomposed; saved for resume
 
     def check_combination(self, others: list[pl.Callback]) -> None:
+        from callbacks.magnitude_pruning import MagnitudePruning
+
         if any(isinstance(other, LowRankDecomposition) for other in others):
             raise ValueError("compression lists `lowrank` twice; one low-rank callback per run")
+        if any(isinstance(other, MagnitudePruning) for other in others):
+            raise ValueError(
+                "compression lists both `lowrank` and `magnitude_pruning`, which cannot run in one fit: lowrank "
+                "replaces each selected Conv2d/Linear by a pair of factor layers (LowRankConv2d/LowRankLinear), so "
+                "the pruning masks would point at layers that no longer exist (and factorising a pruned layer "
+                "fills its zeros). Use two runs: `compression=[lowrank]`, then `compression=[magnitude_pruning] "
+                "init_from=<that run>/model.pt` to prune the factor layers (or the reverse order to factorise a "
+                "pruned net, whose zeros are then not kept)")
 
     def _select(self, net: nn.Module) -> dict[str, nn.Module]:
         layers = select_layers(net, self.include, self.exclude, self.skip_first_last, key=KEY)

@@ -157,7 +157,18 @@ class QuantizationBase(pl.Callback):
         """Fake-quant modules whose activation range was never observed (one host sync each, at test only)."""
         return fq.unobserved(net)
 
+    def check_ranges_finite(self, net: nn.Module) -> None:
+        """A NaN/inf observed range means the activations diverged; say so instead of exporting garbage."""
+        bad = fq.nonfinite_ranges(net)
+        if bad:
+            shown = ", ".join(f"'{n}' ({lo}, {hi})" for n, (lo, hi) in list(bad.items())[:4])
+            raise FloatingPointError(
+                f"callbacks.{self.name}: the observed activation range of {len(bad)} fake-quant tensors is not "
+                f"finite: {shown}; the activations diverged (NaN/inf) during training or calibration, so there is "
+                "nothing to quantize (lower optimizer.lr, or check the run's loss)")
+
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check_ranges_finite(pl_module.net)
         fq.set_quant_state(pl_module.net, enabled=True, observe=False)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -196,7 +207,8 @@ class QuantizationAwareTraining(QuantizationBase):
             weights are quantized as the int8 model uses them; BN then keeps only a per-channel
             affine (Jacob et al. 2018, sec. 3.2, with statistics frozen at the fold).
         export_int8, calibration_batches, latency_repeats: int8 ONNX export after test
-            (training batches for the tensors QAT does not observe, batch-1 timing repeats).
+            (training batches for the tensors QAT does not observe; timing rounds of int8 vs fp32
+            onnxruntime, interleaved: ``latency_repeats`` at batch 1, ``max(3, latency_repeats // 10)`` at 64).
     """
 
     name = "qat"

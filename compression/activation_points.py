@@ -30,6 +30,14 @@ from compression.fake_quant import ActivationQuantizer, QuantMixin
 CONTAINER = "activation_quantizers"
 POINT_TYPES = (nn.ReLU, nn.ReLU6, nn.MaxPool2d)  # leaf outputs that onnxruntime's QDQ model quantizes
 NORM_TYPES = (nn.BatchNorm2d, nn.BatchNorm1d)   # folded into the conv before them at export
+OUTPUT_FLAG = "quantize_output"  # a module with this attribute True declares its output a point
+
+
+def is_point(module: nn.Module) -> bool:
+    """A module whose output the int8 model quantizes: a ReLU/ReLU6/MaxPool2d, or any module that
+    declares ``quantize_output = True`` because it computes a tensor functionally that a quantized
+    op reads (e.g. the option-A ResNet shortcut, whose concat feeds the residual Add)."""
+    return isinstance(module, POINT_TYPES) or getattr(module, OUTPUT_FLAG, False) is True
 
 
 def _quantize_output(quantizer: ActivationQuantizer, module: nn.Module, inputs, output):
@@ -52,7 +60,7 @@ def _probe(net: nn.Module, input_size: tuple[int, ...]):
     """One eval forward pass: leaf outputs in completion order and each leaf's input, as (id, version)."""
     # leaves, and norms even when they hold their activation (timm's BatchNormAct2d: BN -> drop -> act)
     names = {m: n for n, m in net.named_modules()
-             if n and (isinstance(m, NORM_TYPES) or not any(True for _ in m.children()))}
+             if n and (isinstance(m, NORM_TYPES) or is_point(m) or not any(True for _ in m.children()))}
     produced: list[tuple[str, tuple[int, int]]] = []
     consumed: dict[str, tuple[tuple[int, int], int]] = {}  # leaf -> (input key, outputs produced before it ran)
     keep: list[torch.Tensor] = []  # hold every tensor so ids stay unique during the probe
@@ -86,7 +94,8 @@ def find_points(net: nn.Module, input_size: tuple[int, ...]
     """({producer leaf name: (anchor, quantized layers that consume its output)},
     {quantized layer: the BatchNorm that alone reads its output}) of ``net``.
 
-    Points: the output of every ReLU/ReLU6/MaxPool2d leaf, and of every quantized layer's chain
+    Points: the output of every ReLU/ReLU6/MaxPool2d leaf and of every module that declares
+    ``quantize_output`` (:func:`is_point`), and of every quantized layer's chain
     end (the layer, or the BatchNorm right after it) unless a ReLU consumes it alone (the ReLU's
     point covers it: onnxruntime merges Conv -> Relu into one quantized output).
     """
@@ -101,7 +110,7 @@ def find_points(net: nn.Module, input_size: tuple[int, ...]
     points: dict[str, tuple[str, str]] = {}
     norms: dict[str, str] = {}
     for name, key in produced:
-        if isinstance(modules[name], POINT_TYPES) and name not in points:
+        if is_point(modules[name]) and name not in points:
             points[name] = ("module", name)
     for name, module in modules.items():
         if not isinstance(module, QuantMixin) or name not in output_of:

@@ -17,7 +17,9 @@ API (two functions):
   BatchNorm ``num_features``, Linear ``out_features``). Channels coupled across named layers
   (a residual stream, a conv and its BN) are removed only when *every* named layer in the
   coupling group marks them False (nothing a named layer keeps is lost); unnamed coupled
-  layers follow.
+  layers follow. Layers that split channels into equal groups (grouped, not depthwise, convs
+  and GroupNorm) lose the same within-group positions in every group, as torch-pruning's own
+  pruners do: a position is removed only if it goes in every group (else it is kept in all).
 """
 from __future__ import annotations
 
@@ -70,6 +72,66 @@ def _group(graph: tp.DependencyGraph, module: nn.Module, idxs: list[int]):
     return graph.get_pruning_group(module, pruner.prune_out_channels, idxs)
 
 
+def _channel_groups(graph: tp.DependencyGraph, item) -> int:
+    """Equal channel groups the item's layer splits these channels into (1: none; depthwise: 1, torch-pruning
+    keeps those consistent itself)."""
+    module = item.dep.target.module
+    if isinstance(module, nn.Conv2d) and module.groups == module.out_channels:
+        return 1
+    pruner = graph.get_pruner_of_module(module)
+    if pruner is None:
+        return 1
+    if graph.is_out_channel_pruning_fn(item.dep.handler):
+        return pruner.get_out_channel_groups(module)
+    return pruner.get_in_channel_groups(module)
+
+
+def _layer_channels(graph: tp.DependencyGraph, item) -> int:
+    """The item layer's channel count on the side (in or out) this group touches."""
+    module = item.dep.target.module
+    pruner = graph.get_pruner_of_module(module)
+    if graph.is_out_channel_pruning_fn(item.dep.handler):
+        return pruner.get_out_channels(module)
+    return pruner.get_in_channels(module)
+
+
+def _grouped_problem(graph: tp.DependencyGraph, item, target: str) -> str | None:
+    """Why this grouped layer's channels cannot be kept group-uniform from this coupling group, or None."""
+    groups = _channel_groups(graph, item)
+    if groups <= 1:
+        return None
+    total = _layer_channels(graph, item)
+    mapped = {idx for idx, root in zip(item.idxs, item.root_idxs) if root is not None}
+    if total % groups or len(mapped) != total:
+        side = "output" if graph.is_out_channel_pruning_fn(item.dep.handler) else "input"
+        return (f"its channels reach the {groups}-group layer '{target}' ({side}), which also takes channels "
+                "from elsewhere (e.g. a concatenation), so its groups cannot be kept equal")
+    return None
+
+
+def _align_to_channel_groups(graph: tp.DependencyGraph, group, kept_root: torch.Tensor) -> torch.Tensor:
+    """``kept_root`` grown until every grouped layer of ``group`` keeps the same within-group positions in
+    each of its groups (a position survives in all groups if any group keeps it)."""
+    kept_root = kept_root.clone()
+    changed = True
+    while changed:  # each pass only adds kept channels, so this ends
+        changed = False
+        for item in group:
+            groups = _channel_groups(graph, item)
+            if groups <= 1:
+                continue
+            size = _layer_channels(graph, item) // groups
+            pairs = [(idx, root) for idx, root in zip(item.idxs, item.root_idxs) if root is not None]
+            kept_local = torch.zeros(size, dtype=torch.bool)
+            for idx, root in pairs:
+                kept_local[idx % size] |= bool(kept_root[root])
+            for idx, root in pairs:
+                if kept_local[idx % size] and not kept_root[root]:
+                    kept_root[root] = True
+                    changed = True
+    return kept_root
+
+
 def _attention_owner(names: dict, target: str) -> str | None:
     """The enclosing multi-head attention module of layer ``target`` (timm Attention, nn.MultiheadAttention)."""
     modules = {n: m for m, n in names.items()}
@@ -96,6 +158,9 @@ def _problem(graph: tp.DependencyGraph, names: dict, module_name: str, group, cl
                     "channels and are not handled")
         if classifier is not None and target == classifier and graph.is_out_channel_pruning_fn(item.dep.handler):
             return f"it is coupled to the classifier '{classifier}' outputs (removing channels would remove classes)"
+        why = _grouped_problem(graph, item, target)
+        if why:
+            return why
     return None
 
 
@@ -125,7 +190,7 @@ def check_removable(net: nn.Module, layer_names: Iterable[str], example_input: t
         module = modules[name]
         if module not in graph.module2node:
             raise ValueError(f"{key}: layer '{name}' is not used in the forward pass; cannot remove its channels")
-        group = _group(graph, module, [0])
+        group = _group(graph, module, list(range(_out_channels(module))))
         why = _problem(graph, names, name, group, classifier)
         if why is None and exact:
             for item in group:
@@ -174,6 +239,7 @@ def remove_channels(net: nn.Module, keep: Mapping[str, torch.Tensor], example_in
                     if root is not None and mask[idx]:
                         kept_root[root] = True
                 done.add(member)
+        kept_root = _align_to_channel_groups(graph, group, kept_root)
         prune = (~kept_root).nonzero().flatten().tolist()
         if prune:
             _group(graph, module, prune).prune()

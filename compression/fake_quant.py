@@ -18,6 +18,7 @@ attributes set by the callback from ``trainer.current_epoch`` (derived, not stor
 from __future__ import annotations
 
 import copy
+import math
 from typing import Iterator, Mapping
 
 import torch
@@ -192,7 +193,11 @@ class QuantMixin:
         weight = self.quantized_weight()
         out = compute(x, weight)
         offset = None if self.training else self.bias_offset(weight)
-        return out if offset is None else out + offset.view(1, -1, *([1] * (out.dim() - 2)))
+        return out if offset is None else out + self.per_channel(offset, out)
+
+    def per_channel(self, values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``values`` (one per output channel) shaped to broadcast over ``out``: channels in dim 1 (conv)."""
+        return values.view(1, -1, *([1] * (out.dim() - 2)))
 
     @torch.no_grad()
     def bias_offset(self, weight: torch.Tensor) -> torch.Tensor | None:
@@ -235,6 +240,10 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
 
 class QuantLinear(QuantMixin, nn.Linear):
     """nn.Linear whose input and weight are fake-quantized when ``quant_enabled``."""
+
+    def per_channel(self, values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """A Linear's output features are its last dim, whatever the leading dims (tokens, batch)."""
+        return values
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quant_enabled:
@@ -395,10 +404,31 @@ def output_ranges(net: nn.Module) -> dict[tuple[str, str], tuple[float, float]]:
     return {m.anchor: (float(m.act_min), float(m.act_max)) for m in net.modules() if isinstance(m, ActivationQuantizer)}
 
 
+def _observers(net: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(what it observes, module) of every fake-quant module that keeps its own activation range:
+    'input of layer1.0.conv1' or 'output of layer1.0.act1' (an output point's producer)."""
+    for name, module in net.named_modules():
+        if isinstance(module, ActivationQuantizer):
+            yield f"output of {module.anchor[1]}", module
+        elif isinstance(module, QuantMixin) and not module.input_quantized_upstream:
+            yield f"input of {name}", module
+
+
+def never_observed(low: float, high: float) -> bool:
+    """A range still at its initial (+inf, -inf): no batch ever reached the observer."""
+    return low == float("inf") and high == float("-inf")
+
+
 def unobserved(net: nn.Module) -> list[str]:
     """Fake-quant modules whose range was never observed (one host sync each: call at test only)."""
-    return [n for n, m in net.named_modules() if isinstance(m, (QuantMixin, ActivationQuantizer))
-            and not getattr(m, "input_quantized_upstream", False) and bool(torch.isinf(m.act_min))]
+    return [n for n, m in _observers(net) if never_observed(float(m.act_min), float(m.act_max))]
+
+
+def nonfinite_ranges(net: nn.Module) -> dict[str, tuple[float, float]]:
+    """{module: (min, max)} of observed ranges that hold NaN or inf: the activations diverged
+    (a NaN poisons a min-max or EMA range for good), which is not the same as never observed."""
+    ranges = {n: (float(m.act_min), float(m.act_max)) for n, m in _observers(net)}
+    return {n: r for n, r in ranges.items() if not never_observed(*r) and not all(map(math.isfinite, r))}
 
 
 def layer_bits(names: list[str], default: int, by_pattern: Mapping[str, int]) -> dict[str, int]:

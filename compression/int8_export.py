@@ -4,7 +4,9 @@ Why ONNX QDQ + onnxruntime (and not PT2E): torchao is not installed, the PT2E x8
 path needs a C++ compiler warm-up per shape and is not robust on every timm model, while
 ``torch.onnx.export`` (dynamo) exports any timm CNN and folds BatchNorm into the convs, and
 onnxruntime fuses DQ -> Conv -> Q into QLinearConv (VNNI/AVX2 int8 GEMM) with graph
-optimisation on. ``bench/bench_quantization.py`` measures the speed and size ratios.
+optimisation on. After a run, :func:`compare_latency` times the int8 model against the same
+net's fp32 ONNX in onnxruntime (same threads, interleaved, batch 1 and 64: the gain of
+quantization alone); ``bench/bench_quantization.py`` measures the speed and size ratios.
 
 How the QAT numbers are carried over:
 * weights: the fake-quantized weights are baked in before export; BatchNorm folding scales
@@ -25,18 +27,16 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from compression.fake_quant import (ActivationQuantizer, activation_qparams, activation_ranges, output_ranges,
-                                     quant_modules, strip)
+from compression.fake_quant import (ActivationQuantizer, activation_qparams, activation_ranges, never_observed,
+                                     output_ranges, quant_modules, strip)
 
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Relu", "Clip", "Add"]
 
@@ -139,6 +139,21 @@ def scope_module(node_name: str) -> str:
     return ".".join(path)
 
 
+def module_outputs(graph) -> dict[str, str]:
+    """{module name: output tensor of the last node in its scope} of a TorchScript-exported graph.
+
+    Nodes are in topological (trace) order and a module's ops are traced together, so a module's
+    last node produces its output: '/layer2/layer2.0/downsample/Concat' -> 'layer2.0.downsample'.
+    Every enclosing module is recorded too (a later node of the parent overrides it).
+    """
+    outputs: dict[str, str] = {}
+    for node in graph.node:
+        parts = scope_module(node.name).split(".") if node.output else []
+        for i in range(1, len(parts) + 1):
+            outputs[".".join(parts[:i])] = node.output[0]
+    return outputs
+
+
 def _add_range(overrides: dict, tensor: str, low: float, high: float, bits: int = 8,
                sub8: dict[str, int] | None = None) -> None:
     """Activation override of ``tensor``: its observed range at 8+ bits (the union if two layers read it);
@@ -205,6 +220,17 @@ def _clip_sub8bit(path: Path, overrides: dict, sub8: dict[str, int]) -> list[str
     return clips
 
 
+def _check_ranges(ranges: list[tuple[str, tuple[float, float]]]) -> None:
+    """Refuse to export a range that was never observed, or one that is not finite (NaN/inf: diverged)."""
+    for name, (low, high) in ranges:
+        if never_observed(low, high):
+            raise RuntimeError(f"int8 export: '{name}' has no observed activation range; "
+                               "quantization never ran (calibrate or train with QAT first)")
+        if not np.isfinite(low) or not np.isfinite(high):
+            raise FloatingPointError(f"int8 export: the observed activation range of '{name}' is not finite "
+                                     f"({low}, {high}): the activations diverged during training or calibration")
+
+
 class _Batches:
     """onnxruntime CalibrationDataReader over a list of float32 arrays."""
 
@@ -230,10 +256,7 @@ def export_int8(qnet: nn.Module, path: str | os.PathLike, input_size: tuple[int,
     path.parent.mkdir(parents=True, exist_ok=True)
     ranges = activation_ranges(qnet)
     points = output_ranges(qnet)
-    for name, (low, high) in [*ranges.items(), *((f"{k}:{n}", r) for (k, n), r in points.items())]:
-        if not np.isfinite(low) or not np.isfinite(high):
-            raise RuntimeError(f"int8 export: '{name}' has no observed activation range; "
-                               "quantization never ran (calibrate or train with QAT first)")
+    _check_ranges([*ranges.items(), *((f"{k}:{n}", r) for (k, n), r in points.items())])
     modules = dict(quant_modules(qnet))
     layers = set(modules)
     point_bits = {m.anchor: m.act_bits for m in qnet.modules() if isinstance(m, ActivationQuantizer)}
@@ -260,6 +283,11 @@ def export_int8(qnet: nn.Module, path: str | os.PathLike, input_size: tuple[int,
                 anchor = ("module", scope_module(node.name))
                 _add_range(overrides, node.output[0], *points[anchor], point_bits[anchor], sub8)
                 placed.add(anchor)
+        outputs = module_outputs(graph)
+        for anchor in sorted(a for a in set(points) - placed if a[0] == "module" and a[1] in outputs):
+            # a module that computes its output functionally (option-A shortcut's Concat): its last node's output
+            _add_range(overrides, outputs[anchor[1]], *points[anchor], point_bits[anchor], sub8)
+            placed.add(anchor)
         if set(points) - placed:
             logging.getLogger(__name__).warning("int8 export: activation points %s have no node in the ONNX graph; "
                                                 "onnxruntime calibrates those tensors itself",
@@ -305,28 +333,46 @@ def predict(sess, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def accuracy(sess, batches: Iterable, num_classes: int) -> float:
-    """Top-1 accuracy of an onnxruntime classifier, computed like the module's ``test/acc1``
-    (torchmetrics MulticlassAccuracy, macro average over classes), so the two are comparable."""
-    from torchmetrics.classification import MulticlassAccuracy
-
-    metric = MulticlassAccuracy(num_classes, top_k=1)
+def accuracy(sess, batches: Iterable) -> float:
+    """Sample-averaged top-1 accuracy of an onnxruntime classifier (what the module's ``test/acc1`` is)."""
+    correct = total = 0
     for inputs, targets in batches:
-        metric.update(predict(sess, inputs), targets.cpu())
-    return float(metric.compute())
+        correct += int((predict(sess, inputs).argmax(1) == targets.cpu()).sum())
+        total += int(targets.numel())
+    return correct / max(total, 1)
 
 
-def latency_ms(sess, input_size: tuple[int, ...], batch_size: int = 1, warmup: int = 5, repeats: int = 30) -> float:
-    """Median wall time (ms) of one onnxruntime forward pass."""
+def ort_runner(sess, input_size: tuple[int, ...], batch_size: int = 1) -> Callable[[], object]:
+    """One onnxruntime forward pass of a fixed random batch per call (for ``interleaved_latency_ms``)."""
     feed = {"input": np.random.default_rng(0).standard_normal((batch_size, *input_size)).astype(np.float32)}
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    return lambda: sess.run(None, feed)
+
+
+def compare_latency(int8_path: Path, fp32_path: Path, fp32_net: nn.Module, input_size: tuple[int, ...],
+                    repeats: int, threads: int | None = None) -> dict[str, float]:
+    """int8 vs fp32 onnxruntime on the same BN-folded graph, same thread count, timed interleaved in
+    one window at batch 1 (``repeats`` rounds, eager PyTorch fp32 in the same rounds) and batch 64
+    (``max(3, repeats // 10)`` rounds): the speed-up of quantization alone, and the eager one apart.
+    """
+    from evaluation.model_stats import eager_runner, interleaved_latency_ms
+
+    threads = threads or torch.get_num_threads()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # eager PyTorch gets the same threads as onnxruntime
+    try:
+        int8, fp32 = session(int8_path, threads), session(fp32_path, threads)
+        b1 = interleaved_latency_ms({"int8": ort_runner(int8, input_size), "ort": ort_runner(fp32, input_size),
+                                     "eager": eager_runner(fp32_net, input_size)}, warmup=5, repeats=repeats)
+        b64 = interleaved_latency_ms({"int8": ort_runner(int8, input_size, 64),
+                                      "ort": ort_runner(fp32, input_size, 64)}, warmup=1, repeats=max(3, repeats // 10))
+    finally:
+        torch.set_num_threads(previous)
+    return {"int8/latency_ms": b1["int8"], "int8/fp32_ort_latency_ms": b1["ort"],
+            "int8/speedup_vs_fp32_ort": b1["ort"] / b1["int8"],
+            "int8/latency_ms_b64": b64["int8"], "int8/fp32_ort_latency_ms_b64": b64["ort"],
+            "int8/speedup_vs_fp32_ort_b64": b64["ort"] / b64["int8"],
+            "int8/eager_fp32_latency_ms": b1["eager"], "int8/speedup_vs_eager_fp32": b1["eager"] / b1["int8"],
+            "int8/threads": threads}
 
 
 def calibration_batches(trainer, n: int) -> list[torch.Tensor]:
@@ -341,39 +387,43 @@ def calibration_batches(trainer, n: int) -> list[torch.Tensor]:
     return out
 
 
+def evaluate_int8(sess, qnet: nn.Module, loader: Iterable, device) -> tuple[float, float]:
+    """(sample-averaged top-1 of the int8 model, share of images where its top-1 equals the fake-quant net's)."""
+    correct = agree = total = 0
+    was_training = qnet.training
+    qnet.eval()
+    with torch.no_grad():
+        for inputs, targets in loader:
+            predicted = predict(sess, inputs).argmax(1)
+            fake = qnet(inputs.to(device)).argmax(1).cpu()
+            correct += int((predicted == targets.cpu()).sum())
+            agree += int((fake == predicted).sum())
+            total += int(targets.numel())
+    qnet.train(was_training)
+    return correct / max(total, 1), agree / max(total, 1)
+
+
 def report_int8(trainer, pl_module, qnet: nn.Module, calibration: int, latency_repeats: int,
                 filename: str = "model_int8.onnx") -> Mapping[str, float]:
-    """Export ``qnet`` to int8 in the run folder, test it, and report int8/* through the module.
+    """Export ``qnet`` to int8 in the run folder, test it, time it against fp32, report int8/* through the module.
 
     ``int8/agreement`` is the fraction of test images where the int8 model's top-1 equals the
-    fake-quant model's (the fidelity of the export).
+    fake-quant model's (the fidelity of the export). Latency keys: :func:`compare_latency`.
     """
-    from torchmetrics.classification import MulticlassAccuracy
-
     datamodule = trainer.datamodule
     input_size = tuple(datamodule.input_size)
     path = export_int8(qnet, Path(trainer.default_root_dir) / filename, input_size,
                        calibration_batches(trainer, calibration))
-    sess = session(path)
-    metric = MulticlassAccuracy(datamodule.num_classes, top_k=1)
-    agree = total = 0
-    was_training = qnet.training
-    qnet.eval()
-    with torch.no_grad():
-        for inputs, targets in datamodule.test_dataloader():
-            logits = predict(sess, inputs)
-            metric.update(logits, targets.cpu())
-            fake = qnet(inputs.to(pl_module.device)).argmax(1).cpu()
-            agree += int((fake == logits.argmax(1)).sum())
-            total += int(targets.numel())
-    qnet.train(was_training)
-    figures = {"int8/test/acc1": float(metric.compute()), "int8/agreement": agree / max(total, 1),
-               "int8/latency_ms": latency_ms(sess, input_size, repeats=latency_repeats),
-               "int8/size_bytes": path.stat().st_size}
+    acc1, agreement = evaluate_int8(session(path), qnet, datamodule.test_dataloader(), pl_module.device)
+    plain = strip(qnet)  # the fp32 net of model.pt
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path = export_fp32_onnx(plain, Path(tmp) / "fp32.onnx", input_size)
+        timing = compare_latency(path, fp32_path, plain, input_size, latency_repeats)
+    figures = {"int8/test/acc1": acc1, "int8/agreement": agreement, **timing, "int8/size_bytes": path.stat().st_size}
     for key, value in figures.items():
         pl_module.report_result(key, value)
     return figures
 
 
-__all__ = ["fold_batchnorm", "export_fp32_onnx", "export_int8", "session", "predict", "accuracy", "latency_ms",
-           "report_int8", "calibration_batches"]
+__all__ = ["fold_batchnorm", "export_fp32_onnx", "export_int8", "session", "predict", "accuracy", "ort_runner",
+           "compare_latency", "evaluate_int8", "report_int8", "calibration_batches", "module_outputs"]

@@ -10,7 +10,7 @@ import os
 import torch
 
 from datamodules.checks import check_nonnegative_int, check_positive_int
-from datamodules.cifar10_store import CIFAR10_CLASSES, load_cifar10
+from datamodules.cifar10_store import CIFAR10_CLASSES, check_root, load_cifar10
 from datamodules.tensor_datamodule import Split, TensorDataModule
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -27,9 +27,10 @@ class CIFAR10DataModule(TensorDataModule):
             ``train/<class>/*.jpg`` + ``test/<class>/*.jpg`` with the 10 classes (e.g.
             ``../shared/data/cifar10-jpeg``), or where to download it.
         batch_size: training images per batch and per device.
-        num_workers: ignored: the images are already decoded tensors in memory and augmentation
-            is a few batched tensor ops, so there is nothing left to parallelise. Kept so the
-            ``data`` configs share one interface.
+        num_workers: must be 0: the images are already decoded tensors in memory and augmentation
+            is a few batched tensor ops on the training device, so there is no loader worker to
+            run; any other value is refused rather than silently ignored. Kept so the ``data``
+            configs share one interface.
         train_subset: train on only the first N of the non-held-out train images (a fixed
             shuffled order, so not exactly class-balanced); null = all of them.
         val_size: number of train images held out for validation by a fixed permutation
@@ -42,6 +43,9 @@ class CIFAR10DataModule(TensorDataModule):
         pad: zero padding of the random crop; 0 = no crop.
         seed: seeds each epoch's order and augmentation (with the epoch number).
         eval_batch_size: validation/test batch size; null = 2 * batch_size.
+        skip_bad_images: building the cache from an ImageFolder tree, leave undecodable images
+            out (their number is logged and kept as ``skipped_images``) instead of failing on
+            the first one (the error names the file).
 
     After ``setup``: ``train_size``, ``val_size`` (images validated on; 10000 with val_size=0),
     ``test_size``.
@@ -65,11 +69,18 @@ class CIFAR10DataModule(TensorDataModule):
         pad: int = 4,
         seed: int = 0,
         eval_batch_size: int | None = None,
+        skip_bad_images: bool = False,
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, pad=pad, seed=seed)
         if not isinstance(root, (str, os.PathLike)) or not str(root):
             raise ValueError(f"`data.root` must be a folder path; got {root!r}")
         check_nonnegative_int("data.num_workers", num_workers)
+        if num_workers != 0:
+            raise ValueError(f"`data.num_workers` must be 0 for CIFAR-10; got {num_workers}: the images are held "
+                             "in memory as one tensor and augmented in batches on the training device, so there "
+                             "are no loader workers to start (remove the override, or use data.num_workers=0)")
+        if not isinstance(skip_bad_images, bool):
+            raise ValueError(f"`data.skip_bad_images` must be true or false; got {skip_bad_images!r}")
         check_nonnegative_int("data.val_size", val_size)
         if val_size >= CIFAR10_TRAIN_SIZE:
             raise ValueError(f"`data.val_size` must be < {CIFAR10_TRAIN_SIZE} (the train set); got {val_size}")
@@ -77,6 +88,7 @@ class CIFAR10DataModule(TensorDataModule):
         if train_subset is not None and train_subset > CIFAR10_TRAIN_SIZE - val_size:
             raise ValueError(f"`data.train_subset` must be <= {CIFAR10_TRAIN_SIZE - val_size} (train images left "
                              f"after data.val_size={val_size}); got {train_subset}")
+        check_root(root, cache_dir, download)  # a mistyped root fails here, not at fit
         self.save_hyperparameters()
         self.root = root
         self.num_workers = num_workers
@@ -85,13 +97,16 @@ class CIFAR10DataModule(TensorDataModule):
         self.val_size = val_size  # replaced after setup by the number of validation images
         self.download = download
         self.cache_dir = cache_dir
+        self.skip_bad_images = skip_bad_images
+        self.skipped_images = 0  # after setup: images of an ImageFolder tree left out as undecodable
 
     def prepare_data(self) -> None:
         """Download / decode once and write the cache (Lightning runs this on one process per node)."""
-        load_cifar10(self.root, self.cache_dir, self.download)
+        load_cifar10(self.root, self.cache_dir, self.download, self.skip_bad_images)
 
     def load_splits(self) -> dict[str, Split]:
-        data = load_cifar10(self.root, self.cache_dir, self.download)
+        data = load_cifar10(self.root, self.cache_dir, self.download, self.skip_bad_images)
+        self.skipped_images = len(data.get("skipped", []))
         images, labels = data["train"]["images"], data["train"]["labels"]
         n = len(labels)
         if self.holdout >= n:

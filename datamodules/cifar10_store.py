@@ -4,9 +4,12 @@ All of CIFAR-10's on-disk paths live in this module. Sources, first found wins:
 
 1. a cache file ``<root>/.netcompress_cache/cifar10-uint8-v1.pt``, or the fallback
    ``<cache_dir or ~/.cache/netcompress>/<sha1 of the absolute root>/cifar10-uint8-v1.pt``;
-2. the official python release ``<root>/cifar-10-batches-py/``;
+2. the official python release ``<root>/cifar-10-batches-py/`` (pickles, read by an unpickler
+   that admits only numpy arrays, lists, dicts, bytes, str and numbers: a doctored batch file is
+   refused, naming it, and its code never runs);
 3. an ImageFolder tree ``<root>/train/<class>/*.jpg`` + ``<root>/test/<class>/*.jpg`` with the
-   10 CIFAR-10 classes (alphabetical, which is also the official label order);
+   10 CIFAR-10 classes (alphabetical, which is also the official label order); an undecodable
+   image is an error naming it, or, with ``data.skip_bad_images=true``, left out and counted;
 4. ``torchvision.datasets.CIFAR10(root, download=True)``.
 
 The cache is a ``torch.save`` of plain tensors, lists and strings (loads with
@@ -16,11 +19,15 @@ Following open_lth, a step that finds its output already there skips the work.
 """
 from __future__ import annotations
 
+import codecs
+import functools
 import hashlib
+import importlib
 import logging
 import multiprocessing as mp
 import os
 import pickle
+import shutil
 import stat
 import time
 import uuid
@@ -106,6 +113,9 @@ def read_cache(path: Path) -> Data | None:
     except Exception as err:  # a damaged or foreign file: rebuild instead of failing the run
         log.warning("CIFAR-10: ignoring cache %s (%s); rebuilding it", path, err)
         return None
+    if data.get("skipped"):
+        log.warning("CIFAR-10: cache %s was built without %d unreadable images (data.skip_bad_images=true); "
+                    "delete it to decode the tree again", path, len(data["skipped"]))
     return data
 
 
@@ -129,11 +139,76 @@ def _pack(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarr
 
 
 # -- source: official python release -----------------------------------------------------------
+def _numpy_attr(name: str, attr: str) -> Any:
+    """``numpy._core.<name>.<attr>`` (numpy 2) or ``numpy.core.<name>.<attr>`` (numpy 1)."""
+    try:
+        module = importlib.import_module(f"numpy._core.{name}")
+    except ImportError:  # numpy < 2
+        module = importlib.import_module(f"numpy.core.{name}")
+    return getattr(module, attr)
+
+
+def _batch_globals() -> dict[tuple[str, str], Any]:
+    """The only globals an official batch file (or a faithful re-pickling of one) refers to:
+    numpy's array and dtype reconstruction, and Python 2 byte strings' ``_codecs.encode``."""
+    reconstruct, frombuffer = _numpy_attr("multiarray", "_reconstruct"), _numpy_attr("numeric", "_frombuffer")
+    scalar = _numpy_attr("multiarray", "scalar")
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode}
+    for core in ("numpy.core", "numpy._core"):
+        allowed.update({(f"{core}.multiarray", "_reconstruct"): reconstruct,
+                        (f"{core}.multiarray", "scalar"): scalar,
+                        (f"{core}.numeric", "_frombuffer"): frombuffer})
+    return allowed
+
+
+class UnsafeBatchFile(ValueError):
+    """A CIFAR-10 batch file that asks the unpickler for anything the official files do not contain."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, dtypes, lists, dicts, bytes, str and numbers; refuses every other
+    global, so a doctored batch file cannot run code (the official format is a pickle)."""
+
+    def __init__(self, file, path: Path) -> None:
+        super().__init__(file, encoding="bytes")
+        self.path = path
+        self.allowed = _batch_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self.allowed.get((module, name))
+        if found is None:
+            raise UnsafeBatchFile(
+                f"data.root: {self.path} is not an official CIFAR-10 batch file: it asks to load {module}.{name}, "
+                "which the official files never contain (refused, nothing was run); delete the "
+                f"{BATCHES_DIR} folder and download it again, or point data.root at a trusted copy")
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeBatchFile(f"data.root: {self.path} is not an official CIFAR-10 batch file (persistent ids)")
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
-    """One official batch file; keys as str whether it was pickled by Python 2 or 3."""
-    with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="bytes")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    """One official batch file; keys as str whether it was pickled by Python 2 or 3.
+
+    Read with :class:`_BatchUnpickler`, never plain ``pickle.load``: see its docstring."""
+    try:
+        with open(path, "rb") as f:
+            entry = _BatchUnpickler(f, path).load()
+    except UnsafeBatchFile:
+        raise
+    except Exception as exc:  # truncated, not a pickle, ...
+        raise ValueError(f"data.root: {path} is not a readable CIFAR-10 batch file ({type(exc).__name__}: {exc}); "
+                         f"delete the {BATCHES_DIR} folder and download it again") from None
+    if not isinstance(entry, dict):
+        raise ValueError(f"data.root: {path} is not a CIFAR-10 batch file (holds a {type(entry).__name__}, "
+                         "not a dict)")
+    entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    data = entry.get("data")
+    if not isinstance(data, np.ndarray) or data.dtype == object or not (
+            "labels" in entry or "fine_labels" in entry):
+        raise ValueError(f"data.root: {path} is not a CIFAR-10 batch file (needs a numeric 'data' array and "
+                         f"'labels'; has {sorted(entry)})")
+    return entry
 
 
 def read_batches_py(folder: Path) -> Data:
@@ -168,37 +243,52 @@ def _decode_one(path: str) -> torch.Tensor:
             return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
 
 
-def decode_images(paths: list[str]) -> np.ndarray:
-    """Decode 32x32 images into uint8 (n, 3, 32, 32). Runs in pool workers."""
+SKIP_HINT = "set data.skip_bad_images=true to leave unreadable images out (their count is logged)"
+
+
+def decode_images(paths: list[str], skip_bad: bool = False) -> tuple[np.ndarray, list[int]]:
+    """Decode 32x32 images into uint8 (n, 3, 32, 32), and the indices of undecodable ones (only
+    with ``skip_bad``; else the first one raises, naming the file). Runs in pool workers."""
     out = np.empty((len(paths), 3, 32, 32), dtype=np.uint8)
+    bad: list[int] = []
     for i, path in enumerate(paths):
-        image = _decode_one(path)
+        try:
+            image = _decode_one(path)
+        except Exception as exc:  # truncated, corrupt, not an image
+            if skip_bad:
+                bad.append(i)
+                continue
+            reason = " ".join(str(exc).split(", ")[-1].split()) if isinstance(exc, RuntimeError) else str(exc)
+            raise ValueError(f"data.root: cannot decode image {path} ({type(exc).__name__}: {reason}); delete or "
+                             f"replace it, or {SKIP_HINT}") from None
         if image.shape != (3, 32, 32):
             raise ValueError(f"{path}: image is {image.shape[2]}x{image.shape[1]}, CIFAR-10 images are 32x32")
         out[i] = image.numpy()
-    return out
+    return out, bad
 
 
 def _worker_init() -> None:
     torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool
 
 
-def _decode_all(paths: list[str]) -> np.ndarray:
+def _decode_all(paths: list[str], skip_bad: bool = False) -> tuple[np.ndarray, list[int]]:
     """Decode in a process pool; serially when small or when this process may not have
-    children (e.g. a daemonic worker)."""
+    children (e.g. a daemonic worker). Returns (pixels, indices of skipped images)."""
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = min(workers, 8)
     if len(paths) < _SERIAL_BELOW or workers < 2:
-        return decode_images(paths)
+        return decode_images(paths, skip_bad)
     chunk = 500
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
     try:
         pool = mp.get_context().Pool(workers, initializer=_worker_init)
     except (AssertionError, OSError) as err:
         log.info("CIFAR-10: no process pool (%s); decoding in this process", err)
-        return decode_images(paths)
+        return decode_images(paths, skip_bad)
     with pool:
-        return np.concatenate(pool.map(decode_images, chunks, chunksize=1))
+        parts = pool.map(functools.partial(decode_images, skip_bad=skip_bad), chunks, chunksize=1)
+    bad = [start + i for start, (_, part_bad) in zip(range(0, len(paths), chunk), parts) for i in part_bad]
+    return np.concatenate([pixels for pixels, _ in parts]), bad
 
 
 def _list_split(split_dir: Path, root: Path) -> tuple[list[str], np.ndarray]:
@@ -218,15 +308,28 @@ def _list_split(split_dir: Path, root: Path) -> tuple[list[str], np.ndarray]:
     return paths, np.asarray(labels, dtype=np.int64)
 
 
-def read_imagefolder(root: Path) -> Data:
-    """Decode ``root/train/<class>/*`` and ``root/test/<class>/*`` (both splits in one pool)."""
+def read_imagefolder(root: Path, skip_bad: bool = False) -> Data:
+    """Decode ``root/train/<class>/*`` and ``root/test/<class>/*`` (both splits in one pool).
+
+    An undecodable image raises an error naming it; with ``skip_bad`` it is left out instead,
+    and the cache records the skipped files (``"skipped"``)."""
     train_paths, train_labels = _list_split(root / "train", root)
     test_paths, test_labels = _list_split(root / "test", root)
     start = time.perf_counter()
-    pixels = _decode_all(train_paths + test_paths)
+    paths = train_paths + test_paths
+    pixels, bad = _decode_all(paths, skip_bad)
     log.info("CIFAR-10: decoded %d images from %s in %.1f s", len(pixels), root, time.perf_counter() - start)
     n = len(train_paths)
-    return _pack((pixels[:n], train_labels), (pixels[n:], test_labels), f"{root}")
+    keep = np.ones(len(paths), dtype=bool)
+    keep[bad] = False
+    labels = np.concatenate([train_labels, test_labels])
+    skipped = [os.path.relpath(paths[i], root) for i in bad]
+    if skipped:
+        log.warning("CIFAR-10: skipped %d unreadable images under %s (data.skip_bad_images=true), e.g. %s",
+                    len(skipped), root, ", ".join(skipped[:3]))
+    data = _pack((pixels[:n][keep[:n]], labels[:n][keep[:n]]), (pixels[n:][keep[n:]], labels[n:][keep[n:]]), f"{root}")
+    data["skipped"] = skipped
+    return data
 
 
 def has_imagefolder(root: Path) -> bool:
@@ -246,11 +349,15 @@ def download(dest: Path) -> None:
 
 
 # -- entry point -------------------------------------------------------------------------------
-def _decode_sources(root: Path, allow_download: bool, fallback_dir: Path) -> Data:
+_SET_ROOT = ("set data.root to a folder with cifar-10-batches-py or an ImageFolder train/ test/ tree, "
+             "e.g. data.root=../shared/data/cifar10-jpeg")
+
+
+def _decode_sources(root: Path, allow_download: bool, fallback_dir: Path, skip_bad: bool = False) -> Data:
     if has_batches_py(root):
         return read_batches_py(root / BATCHES_DIR)
     if root.is_dir() and has_imagefolder(root):
-        return read_imagefolder(root)
+        return read_imagefolder(root, skip_bad)
     if not allow_download:
         reason = "not attempted: data.download=false"
     else:
@@ -260,18 +367,32 @@ def _decode_sources(root: Path, allow_download: bool, fallback_dir: Path) -> Dat
         try:
             download(dest)
             return read_batches_py(dest / BATCHES_DIR)
+        except UnsafeBatchFile:
+            raise
         except Exception as err:  # no network, read-only disk, bad checksum: all end the same way
             reason = " ".join(f"{type(err).__name__}: {err}".split())
-    raise FileNotFoundError(
-        f"no CIFAR-10 under data.root={root}, download failed ({reason}), set data.root to a folder with "
-        f"cifar-10-batches-py or an ImageFolder train/ test/ tree, e.g. data.root=../shared/data/cifar10-jpeg")
+    raise FileNotFoundError(f"no CIFAR-10 under data.root={root}, download failed ({reason}), {_SET_ROOT}")
+
+
+def check_root(root: str | os.PathLike, cache_dir: str | os.PathLike | None, allow_download: bool) -> None:
+    """Raise when ``root`` does not exist, nothing may be downloaded there and no cache holds it."""
+    root = Path(root).expanduser().resolve()
+    if allow_download or root.exists() or fallback_cache_file(root, cache_dir).is_file():
+        return
+    raise FileNotFoundError(f"data.root={root} does not exist (and data.download=false, so nothing is fetched "
+                            f"there); {_SET_ROOT}, or data.download=true to download it there")
 
 
 def load_cifar10(root: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                 allow_download: bool = True) -> Data:
+                 allow_download: bool = True, skip_bad_images: bool = False) -> Data:
     """CIFAR-10 as ``{"train": {"images": uint8 (50000, 3, 32, 32), "labels": int64}, "test": ...,
     "classes": [...]}``, from the cache if there is one, else decoded (and cached) from the first
-    source found; see the module docstring for the order."""
+    source found; see the module docstring for the order.
+
+    ``root`` is created only for a download, and removed again if that fails (a mistyped
+    data.root leaves nothing behind). ``skip_bad_images``: leave undecodable images of an
+    ImageFolder tree out (counted in the log and in the cache's ``"skipped"``) instead of failing.
+    """
     root = Path(root).expanduser().resolve()
     primary, fallback = primary_cache_file(root), fallback_cache_file(root, cache_dir)
     for path in (primary, fallback):
@@ -279,8 +400,27 @@ def load_cifar10(root: str | os.PathLike, cache_dir: str | os.PathLike | None = 
             log.info("CIFAR-10: using cache %s", path)
             return data
 
-    if not allow_download and not (has_batches_py(root) or (root.is_dir() and has_imagefolder(root))):
+    local = has_batches_py(root) or (root.is_dir() and has_imagefolder(root))
+    if not local and not allow_download:
+        check_root(root, cache_dir, allow_download)
         return _decode_sources(root, allow_download, fallback.parent)  # raises; creates no cache folder
+    created = None if root.exists() else _first_missing(root)  # a download creates root ...
+    try:
+        return _load_or_build(root, primary, fallback, allow_download, skip_bad_images)
+    except BaseException:
+        if created is not None:  # ... and a failed one leaves no folder behind
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _first_missing(path: Path) -> Path:
+    """The outermost folder of ``path`` that does not exist yet (what creating ``path`` would add)."""
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _load_or_build(root: Path, primary: Path, fallback: Path, allow_download: bool, skip_bad: bool) -> Data:
     root_usable = root.is_dir() or (allow_download and _prepare_dir(root))  # a download creates root
     if root_usable and is_writable_dir(root) and _prepare_dir(primary.parent):
         target: Path | None = primary
@@ -292,18 +432,19 @@ def load_cifar10(root: str | os.PathLike, cache_dir: str | os.PathLike | None = 
         log.warning("CIFAR-10: no writable cache folder (tried %s and %s); decoding without a cache",
                     primary.parent, fallback.parent)
     if target is None:
-        return _decode_sources(root, allow_download, fallback.parent)
+        return _decode_sources(root, allow_download, fallback.parent, skip_bad)
 
-    return build_cache(root, target, allow_download, fallback.parent)
+    return build_cache(root, target, allow_download, fallback.parent, skip_bad)
 
 
-def build_cache(root: Path, target: Path, allow_download: bool = True, download_dir: Path | None = None) -> Data:
+def build_cache(root: Path, target: Path, allow_download: bool = True, download_dir: Path | None = None,
+                skip_bad: bool = False) -> Data:
     """Decode CIFAR-10 from ``root`` and write the cache file ``target``, under a file lock;
     returns the data (read from ``target`` if another job wrote it while we waited)."""
     with FileLock(str(target) + ".lock"):
         if (data := read_cache(target)) is not None:
             return data
-        data = _decode_sources(root, allow_download, download_dir or target.parent)
+        data = _decode_sources(root, allow_download, download_dir or target.parent, skip_bad)
         write_cache_atomic(data, target)
         log.info("CIFAR-10: wrote cache %s", target)
     return data

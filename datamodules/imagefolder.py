@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
@@ -21,6 +22,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SUBSET_SEED = 0  # fixed: train_subset picks the same images in every run
 LAYOUT = "root/train/<class>/*.jpg + root/val/<class>/*.jpg (or root/test/<class>/*.jpg)"
+
+
+def load_rgb(path: str) -> Image.Image:
+    """torchvision's PIL loader, with an error that names the file (a truncated or corrupt image
+    otherwise surfaces as PIL's "image file is truncated" from inside a worker, without a path)."""
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except Exception as exc:
+        raise ValueError(f"data.root: cannot decode image {path} ({type(exc).__name__}: {exc}); delete or "
+                         "replace the file") from None
 
 
 def _has_image(folder: Path) -> bool:
@@ -145,7 +158,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         """Index the image files (once); a ``train_subset`` is a fixed seeded sample."""
         if self.train_set is not None:
             return
-        train = ImageFolder(str(self.train_dir), transform=self.train_transform())
+        train = ImageFolder(str(self.train_dir), transform=self.train_transform(), loader=load_rgb)
         if self.train_subset is not None:
             if self.train_subset > len(train):
                 raise ValueError(f"`data.train_subset` must be <= {len(train)} (images in {self.train_dir}); "
@@ -153,9 +166,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(SUBSET_SEED))
             train = Subset(train, order[:self.train_subset].sort().values.tolist())
         self.train_set = train
-        self.val_set = ImageFolder(str(self.val_dir), transform=self.eval_transform())
+        self.val_set = ImageFolder(str(self.val_dir), transform=self.eval_transform(), loader=load_rgb)
         same = self.test_dir == self.val_dir
-        self.test_set = self.val_set if same else ImageFolder(str(self.test_dir), transform=self.eval_transform())
+        self.test_set = self.val_set if same else ImageFolder(str(self.test_dir), transform=self.eval_transform(),
+                                                              loader=load_rgb)
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -48,3 +49,37 @@ def measure_latency_ms(net: nn.Module, input_size: tuple[int, int, int], batch_s
             model(x)
             times.append((time.perf_counter() - start) * 1000.0)
     return statistics.median(times)
+
+
+def eager_runner(net: nn.Module, input_size: tuple[int, ...], batch_size: int = 1) -> Callable[[], object]:
+    """One CPU inference-mode forward pass of (an eval copy of) ``net`` per call, for :func:`interleaved_latency_ms`."""
+    model = _cpu_eval_copy(net)
+    x = torch.randn(batch_size, *input_size)
+
+    def run():
+        with torch.inference_mode():
+            return model(x)
+    return run
+
+
+def interleaved_latency_ms(runners: Mapping[str, Callable[[], object]], warmup: int = 5,
+                           repeats: int = 30) -> dict[str, float]:
+    """{name: median wall time (ms)} of each runner, timed alternately in one window.
+
+    Each round runs every runner once (order reversed every other round), so a change of machine
+    load hits all of them alike and their ratio is a fair comparison; timing them one after the
+    other, minutes apart, is not (a loaded machine once showed a 170x "speed-up" that way).
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"interleaved_latency_ms: repeats must be >= 1 and warmup >= 0; got {repeats}, {warmup}")
+    order = list(runners.items())
+    for _ in range(warmup):
+        for _, run in order:
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for i in range(repeats):
+        for name, run in order if i % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) * 1000.0)
+    return {name: statistics.median(t) for name, t in times.items()}

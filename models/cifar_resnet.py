@@ -33,7 +33,13 @@ class ZeroPadShortcut(nn.Module):
     The zeros are built as ``x.mul(0)`` so torch-pruning traces them as a concat of the input
     with itself: pruning input channel k also prunes output channels k, k + in, ..., which keeps
     ``out == ratio * in`` valid after pruning. No channel counts are stored, only the ratio.
+
+    ``quantize_output``: the int8 model quantizes this output (the residual Add reads it), so QAT
+    fake-quantizes it here too (``compression/activation_points.py``); without it onnxruntime
+    calibrated the concat itself and int8 disagreed with the fake-quant net.
     """
+
+    quantize_output = True
 
     def __init__(self, stride: int, ratio: int):
         super().__init__()

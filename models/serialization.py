@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -126,6 +128,25 @@ def save_model(net: nn.Module, path: str | os.PathLike, model_name: str, num_cla
     return path.stat().st_size
 
 
+def why_unreadable(path: Path, exc: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in words that lead somewhere.
+
+    Never repeats torch's advice to retry with ``weights_only=False``: for a file that is not
+    ours that would run whatever code its pickle names.
+    """
+    message = str(exc)
+    code = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if code:
+        return f"it is a pickle that asks to run {code.group(1)}, which is never executed"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if zipfile.is_zipfile(path):
+        return "a torch file that holds more than tensors, numbers and strings, or is damaged"
+    if head[:1] == b"\x80":
+        return "a plain pickle, not a torch.save file (not unpickled: a pickle can run code)"
+    return "neither a torch.save zip file nor a pickle: a text file, or truncated or corrupt"
+
+
 def load_model(path: str | os.PathLike) -> nn.Module:
     """Rebuild a model saved by :func:`save_model` (no pickled code is executed)."""
     from models.factory import create_model
@@ -136,10 +157,11 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or foreign file
-        raise ValueError(f"model file {path} is not a readable netcompress model ({exc})") from exc
+        raise ValueError(f"model file {path} is not a netcompress model/checkpoint ({why_unreadable(path, exc)})"
+                         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"model file {path} is not a {FORMAT} file (a Lightning checkpoint? "
-                         "use lightning_modules.load_net_from_checkpoint)")
+                         "use lightning_modules.checkpoint_io.load_net)")
     net = create_model(payload["model_name"], num_classes=payload["num_classes"], **payload["model_kwargs"])
     reshape_to(net, payload["arch"])
     net.load_state_dict(payload["state_dict"])

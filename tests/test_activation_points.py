@@ -15,9 +15,9 @@ from compression import fake_quant as fq
 from models.factory import create_model
 
 
-def quantized_resnet(seed: int = 0):
+def quantized_resnet(seed: int = 0, shortcut: str = "B"):
     torch.manual_seed(seed)
-    net = create_model("resnet20_cifar", num_classes=10, width=0.25)
+    net = create_model("resnet20_cifar", num_classes=10, width=0.25, shortcut=shortcut)
     QuantizationAwareTraining(bits=8).quantize_net(net, (3, 32, 32))
     fq.set_quant_state(net, True, True)
     with torch.no_grad():
@@ -68,6 +68,27 @@ def test_both_inputs_of_every_residual_add_are_quantized():
             assert on_grid(tensor, quantizers[name.replace(":", ".").removesuffix(".bn2") + ".bn2"]), name
         else:  # the block input: the shortcut and conv1 both read the quantized ReLU output
             assert on_grid(tensor, quantizers[inputs[name.removesuffix(":input")]]), name
+
+
+def test_option_a_shortcut_output_is_a_point_on_its_own_grid():
+    """He et al.'s option A builds the shortcut functionally (subsample, concat zeros); the int8
+    model quantizes that concat before the residual Add, so QAT fake-quantizes it there too."""
+    net = quantized_resnet(shortcut="A")
+    anchors = {q.anchor for _, q in activation_points.quantizers(net)}
+    relus = {("module", n) for n, m in net.named_modules() if isinstance(m, nn.ReLU)}
+    before_add = {("conv", f"layer{s}.{b}.conv2") for s in (1, 2, 3) for b in range(3)}
+    shortcuts = {("module", f"layer{s}.0.downsample") for s in (2, 3)}
+    assert anchors == relus | before_add | shortcuts
+    seen = {}
+    for s in (2, 3):
+        net.get_submodule(f"layer{s}.0.downsample").register_forward_hook(
+            functools.partial(lambda name, m, i, o: seen.__setitem__(name, o), f"layer{s}.0.downsample"))
+    with torch.no_grad():
+        net(torch.randn(4, 3, 32, 32))
+    quantizers = dict(activation_points.quantizers(net))
+    for name, tensor in seen.items():
+        assert on_grid(tensor, quantizers[name]), name
+        assert quantizers[name].act_max > 0 and int((tensor == 0).sum()) >= tensor.numel() // 2  # zero channels
 
 
 def test_eval_bias_rounding_matches_the_int8_conv():

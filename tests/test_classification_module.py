@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import math
 from functools import partial
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -15,7 +16,7 @@ import models  # noqa: F401
 from conftest import TINY, compose_config
 from lightning_modules import schedules
 from lightning_modules.checkpoint_io import load_net
-from lightning_modules.classification import ClassificationModule
+from lightning_modules.classification import ClassificationModule, per_class_top1
 from run import build, run
 
 
@@ -152,3 +153,125 @@ def test_bad_milestones_are_rejected():
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match="milestones"):
         schedules.multistep(opt, total_steps=10, steps_per_epoch=1, milestones=(0.75, 0.5))
+
+
+# ----- metrics: top-1 means top-1 (sample-averaged); macro and per-class are named apart ----------
+
+def test_acc1_is_sample_averaged_and_macro_is_reported_apart():
+    """The issue's example: predictions [0,0,0,0,1,2] vs labels [0,0,0,0,0,2] are 5/6 top-1,
+    0.6 mean per-class recall (torchmetrics' default macro average, once reported as acc1)."""
+    module = ClassificationModule(models.create_model("conv2_lth", num_classes=3), optimizer=torch.optim.SGD)
+    logits = F.one_hot(torch.tensor([0, 0, 0, 0, 1, 2]), 3).float()
+    labels = torch.tensor([0, 0, 0, 0, 0, 2])
+    for metric in (module.val_acc1, module.test_acc1, module.test_acc1_macro, module.test_class_stats):
+        metric.update(logits, labels)
+    assert float(module.val_acc1.compute()) == pytest.approx(5 / 6)
+    assert float(module.test_acc1.compute()) == pytest.approx(5 / 6)
+    assert float(module.test_acc1_macro.compute()) == pytest.approx(0.6)
+    per_class, counts = per_class_top1(module.test_class_stats.compute())
+    assert counts == [5, 0, 1]
+    assert per_class[0] == pytest.approx(0.8) and math.isnan(per_class[1]) and per_class[2] == 1.0
+
+
+def test_acc5_is_the_share_of_samples_with_the_label_in_the_top_5():
+    torch.manual_seed(0)
+    module = ClassificationModule(models.create_model("conv2_lth", num_classes=10), optimizer=torch.optim.SGD)
+    logits = torch.randn(200, 10)
+    labels = torch.cat([torch.zeros(150, dtype=torch.long), torch.randint(0, 10, (50,))])  # imbalanced
+    module.test_acc5.update(logits, labels)
+    expected = (logits.topk(5, dim=1).indices == labels[:, None]).any(1).float().mean()
+    assert float(module.test_acc5.compute()) == pytest.approx(float(expected))
+
+
+def _imbalanced_test_split(monkeypatch):
+    """Synthetic data whose test split keeps every class-0 image but one image of each other class."""
+    from datamodules.synthetic import SyntheticDataModule
+
+    original = SyntheticDataModule.load_splits
+
+    def load_splits(self):
+        splits = original(self)
+        images, labels = splits["test"]
+        first = {int(c): int((labels == c).nonzero()[0]) for c in labels.unique()}
+        keep = (labels == 0) | torch.isin(torch.arange(len(labels)), torch.tensor(list(first.values())))
+        splits["test"] = (images[keep], labels[keep])
+        return splits
+
+    monkeypatch.setattr(SyntheticDataModule, "load_splits", load_splits)
+
+
+def test_results_json_top1_is_the_support_weighted_mean_of_per_class(tiny_config, monkeypatch):
+    """End to end, on an imbalanced test set: results.json's test/acc1 is sum(acc_c * n_c) / sum(n_c)
+    of its own per-class figures, test/acc1_macro their plain mean, and the two differ."""
+    import json
+
+    _imbalanced_test_split(monkeypatch)
+    cfg = tiny_config("data.test_size=100", "data.num_classes=4", "trainer.max_epochs=2")
+    run(cfg)
+    saved = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    per_class, counts = saved["test/per_class_acc1"], saved["test/class_counts"]
+    assert counts == [25, 1, 1, 1]
+    weighted = sum(a * n for a, n in zip(per_class, counts)) / sum(counts)
+    assert saved["test/acc1"] == pytest.approx(weighted, abs=1e-6)
+    assert saved["test/acc1_macro"] == pytest.approx(sum(per_class) / len(per_class), abs=1e-6)
+    assert saved["test/acc1"] != pytest.approx(saved["test/acc1_macro"], abs=1e-3)
+
+
+# ----- a diverging run stops at once ---------------------------------------------------------------
+
+def test_non_finite_loss_stops_fit_at_that_step_naming_terms_and_lr(tiny_config):
+    cfg = tiny_config("trainer.max_epochs=3", "optimizer.lr=0.05")
+    datamodule, module, trainer = build(cfg)
+
+    def diverges_at_step_5(ctx):
+        bad = ctx.module.trainer.global_step == 5
+        return ctx.logits.sum() * 0 + (float("nan") if bad else 0.0)
+
+    class AddTerm(pl.Callback):
+        def setup(self, trainer, pl_module, stage):
+            pl_module.add_loss_term("boom", diverges_at_step_5, weight=0.5)
+
+    trainer.callbacks.append(AddTerm())
+    with pytest.raises(FloatingPointError,
+                       match=r"non-finite training loss nan at step 5 \(epoch 1\): ce=[0-9.]+ \(weight 1\), "
+                             r"boom=nan \(weight 0\.5\); last lr 0\.05"):
+        trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 5  # stopped before the optimizer step of the NaN loss
+    assert all(torch.isfinite(p).all() for p in module.net.parameters())
+
+
+def test_diverging_run_writes_failed_results_naming_the_step(tiny_config):
+    import json
+
+    cfg = tiny_config("optimizer.lr=1e12", "trainer.max_epochs=3")
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        run(cfg)
+    saved = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    assert saved["status"] == "failed"
+    assert saved["error"].startswith("FloatingPointError: non-finite training loss") and "at step" in saved["error"]
+
+
+@pytest.mark.parametrize("width, expected", [(0.25, torch.contiguous_format), (0.5, torch.channels_last)])
+def test_cpu_channels_last_is_skipped_where_onednn_backward_crashes(width, expected):
+    """Width 0.25 ResNet-20 has 1x1 stride-2 shortcuts with 4 input channels, whose channels_last
+    backward corrupts the heap on this machine's CPUs (models/memory_format.py): train contiguous."""
+    import timm
+
+    from models.memory_format import cpu_channels_last_unsafe
+
+    net = timm.create_model("resnet20_cifar", num_classes=10, width=width)
+    module = ClassificationModule(net, optimizer=partial(torch.optim.SGD, lr=0.1))
+    assert bool(cpu_channels_last_unsafe(net)) == (width == 0.25)
+    if width == 0.25:
+        with pytest.warns(UserWarning, match="channels_last is ignored on the CPU"):
+            module.setup("fit")
+        assert cpu_channels_last_unsafe(net) == ["layer2.0.downsample.0"]  # 4 -> 8 channels; layer3's has 8
+    else:
+        module.setup("fit")
+    assert module.memory_format == expected
+    conv = net.layer2[0].conv1.weight
+    assert conv.is_contiguous(memory_format=expected)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    loss = module.training_step((x, torch.tensor([0, 1, 2, 3])), 0)
+    loss.backward()  # would abort or hang in channels_last
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)

@@ -373,6 +373,9 @@ def test_missing_data_and_no_network_raises_actionable_error(tmp_path, monkeypat
     assert f"no CIFAR-10 under data.root={root.resolve()}, download failed (URLError:" in message
     assert message.endswith("set data.root to a folder with cifar-10-batches-py or an ImageFolder train/ test/ "
                             "tree, e.g. data.root=../shared/data/cifar10-jpeg")
+    with pytest.raises(FileNotFoundError, match=r"data.root=.*empty does not exist \(and data.download=false"):
+        CIFAR10DataModule(root, download=False, cache_dir=tmp_path / "cache")
+    root.mkdir()
     with pytest.raises(FileNotFoundError, match=r"download failed \(not attempted: data.download=false\)"):
         CIFAR10DataModule(root, download=False, cache_dir=tmp_path / "cache").setup()
 

@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from torchmetrics.classification import MulticlassAccuracy
 
 import models  # noqa: F401
 from callbacks.quantization_aware_training import QuantizationAwareTraining
@@ -20,10 +21,10 @@ from models.serialization import load_model
 from run import build, run
 
 
-def calibrated_net(seed: int = 0, bits: int = 8):
-    """resnet20_cifar (half width) with random convs, BatchNorm statistics of the data and a
-    least-squares classifier fitted on synthetic data (a decisive net without SGD), then fake
-    quant on every layer but stem and fc, observers calibrated on 4 training batches.
+def calibrated_net(seed: int = 0, bits: int = 8, shortcut: str = "B"):
+    """resnet20_cifar (half width, ``shortcut`` option) with random convs, BatchNorm statistics of
+    the data and a least-squares classifier fitted on synthetic data (a decisive net without SGD),
+    then fake quant on every layer but stem and fc, observers calibrated on 4 training batches.
 
     Returns (net, calibration batches, (test inputs, test targets)).
     """
@@ -32,7 +33,7 @@ def calibrated_net(seed: int = 0, bits: int = 8):
     torch.manual_seed(seed)
     data = SyntheticDataModule(train_size=512, val_size=0, test_size=256, batch_size=64, seed=seed)
     data.setup("fit")
-    net = create_model("resnet20_cifar", num_classes=10, width=0.5)
+    net = create_model("resnet20_cifar", num_classes=10, width=0.5, shortcut=shortcut)
     train = [torch.cat(t) for t in zip(*data.train_dataloader())]
     with torch.no_grad():  # BatchNorm statistics of the data (cumulative average), as a trained net has
         for module in net.modules():
@@ -65,9 +66,19 @@ def exported(tmp_path_factory):
     return net, path, test
 
 
-def test_int8_top1_agrees_with_fake_quant_on_a_test_batch(exported):
-    """On a net that separates the classes (a random one has near-tied logits, where any rounding flips top-1)."""
-    net, path, (x, y) = exported
+@pytest.fixture(scope="module")
+def exported_option_a(tmp_path_factory):
+    """The same, with He et al.'s option-A shortcut (subsample + zero channels, a functional concat)."""
+    net, calibration, test = calibrated_net(shortcut="A")
+    path = export_int8(net, tmp_path_factory.mktemp("int8a") / "model_int8.onnx", (3, 32, 32), calibration)
+    return net, path, test
+
+
+@pytest.mark.parametrize("fixture", ["exported", "exported_option_a"])
+def test_int8_top1_agrees_with_fake_quant_on_a_test_batch(fixture, request):
+    """On a net that separates the classes (a random one has near-tied logits, where any rounding flips top-1).
+    Option A agreed on 95.7% of this batch when onnxruntime calibrated its shortcut concat itself."""
+    net, path, (x, y) = request.getfixturevalue(fixture)
     with torch.no_grad():
         fake = net(x)
     int8 = predict(session(path, threads=1), x)
@@ -76,11 +87,12 @@ def test_int8_top1_agrees_with_fake_quant_on_a_test_batch(exported):
     assert agreement >= 0.99, agreement
 
 
-def test_every_int8_activation_uses_a_qat_range(exported):
+@pytest.mark.parametrize("fixture", ["exported", "exported_option_a"])
+def test_every_int8_activation_uses_a_qat_range(fixture, request):
     """Each QuantizeLinear of the exported graph has the scale and zero point of one fake-quant
     observer: onnxruntime calibrates no tensor itself, so int8 and fake-quant quantize the same
-    tensors the same way (residual Adds and shortcuts included)."""
-    net, path, _ = exported
+    tensors the same way (residual Adds and shortcuts included; option A's concat shortcut too)."""
+    net, path, _ = request.getfixturevalue(fixture)
     graph = onnx.load(str(path)).graph
     tensors = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     qat = []
@@ -89,10 +101,12 @@ def test_every_int8_activation_uses_a_qat_range(exported):
             scale, zero_point = fq.activation_qparams(module.act_min, module.act_max, module.act_bits)
             qat.append((float(scale), int(zero_point)))
     activations = [n for n in graph.node if n.op_type == "QuantizeLinear"]
-    assert len(activations) == 30  # 19 ReLU outputs + 9 conv2 and 2 downsample outputs before the Adds
+    assert len(activations) == 30  # 19 ReLU outputs + 9 conv2 and 2 downsample (conv or concat) outputs before Adds
     for node in activations:
         scale, zero_point = float(tensors[node.input[1]]), int(tensors[node.input[2]])
         assert any(abs(scale - s) <= 1e-6 * s and zero_point == z for s, z in qat), node.input[0]
+    if fixture == "exported_option_a":
+        assert sum(n.input[0].endswith("downsample/Concat_output_0") for n in activations) == 2
 
 
 def test_onnxruntime_runs_int8_kernels(exported, tmp_path):
@@ -128,6 +142,54 @@ def test_8bit_weights_are_the_qat_integers(exported):
         assert int(np.abs(q).max()) == 127
         checked += 1
     assert checked == sum(isinstance(m, fq.QuantConv2d) for m in net.modules()) == 20
+
+
+def test_int8_accuracy_is_sample_averaged_top1(exported):
+    """On an imbalanced batch (two thirds one class), accuracy() is the share of images whose int8
+    argmax is the label, not the mean per-class recall."""
+    from compression.int8_export import accuracy
+
+    _, path, (x, y) = exported
+    sess = session(path, threads=1)
+    predicted = predict(sess, x).argmax(1)
+    majority = int(torch.mode(predicted).values)
+    rest = (predicted != majority).nonzero().flatten()
+    keep = torch.cat([(predicted == majority).nonzero().flatten(), rest[: max(1, len(rest) // 8)]])
+    labels = predicted[keep].clone()
+    labels[: len(labels) // 3] = (labels[: len(labels) // 3] + 1) % 10  # wrong on a third, all of one class
+    batches = [(x[keep][i:i + 16], labels[i:i + 16]) for i in range(0, len(keep), 16)]
+    expected = int((predicted[keep] == labels).sum()) / len(labels)
+    macro = MulticlassAccuracy(10, top_k=1, average="macro")(predict(sess, x[keep]), labels).item()
+    assert accuracy(sess, batches) == pytest.approx(expected, abs=1e-9)
+    assert abs(expected - macro) > 0.01  # the two averages differ on this batch
+
+
+def test_interleaved_timing_alternates_the_runners_in_one_window():
+    from evaluation.model_stats import interleaved_latency_ms
+
+    calls = []
+    runners = {name: (lambda name=name: calls.append(name)) for name in ("int8", "fp32")}
+    ms = interleaved_latency_ms(runners, warmup=1, repeats=4)
+    assert calls == ["int8", "fp32"] + ["int8", "fp32", "fp32", "int8"] * 2
+    assert set(ms) == {"int8", "fp32"} and all(v >= 0 for v in ms.values())
+
+
+def test_int8_speedup_is_against_fp32_onnxruntime_at_batch_1_and_64(exported, tmp_path):
+    """The speed-up keys compare int8 and fp32 in the same runtime and thread count, each the ratio of
+    its own two medians; eager PyTorch has its own key."""
+    from compression.int8_export import compare_latency, export_fp32_onnx
+
+    net, path, _ = exported
+    plain = fq.strip(net)
+    fp32 = export_fp32_onnx(plain, tmp_path / "fp32.onnx", (3, 32, 32))
+    figures = compare_latency(path, fp32, plain, (3, 32, 32), repeats=3, threads=1)
+    assert figures["int8/threads"] == 1
+    for suffix in ("", "_b64"):
+        ratio = figures[f"int8/fp32_ort_latency_ms{suffix}"] / figures[f"int8/latency_ms{suffix}"]
+        assert figures[f"int8/speedup_vs_fp32_ort{suffix}"] == pytest.approx(ratio)
+    assert figures["int8/speedup_vs_eager_fp32"] == pytest.approx(
+        figures["int8/eager_fp32_latency_ms"] / figures["int8/latency_ms"])
+    assert figures["int8/latency_ms_b64"] > figures["int8/latency_ms"]  # 64 images take longer than one
 
 
 def test_4bit_layers_export_their_own_integers_and_clamp(tmp_path):
@@ -166,9 +228,13 @@ def test_ptq_calibrates_without_training_and_reports_int8_figures(tmp_path):
     results = run(cfg)
     assert results["global_step"] == 0
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    for key in ("int8/test/acc1", "int8/latency_ms", "int8/size_bytes", "test/acc1", "size_bytes"):
+    for key in ("int8/test/acc1", "int8/latency_ms", "int8/size_bytes", "test/acc1", "size_bytes",
+                "int8/fp32_ort_latency_ms", "int8/latency_ms_b64", "int8/fp32_ort_latency_ms_b64",
+                "int8/speedup_vs_fp32_ort", "int8/speedup_vs_fp32_ort_b64", "int8/speedup_vs_eager_fp32",
+                "int8/threads"):
         assert key in saved, key
     assert 0.0 <= saved["int8/test/acc1"] <= 1.0 and saved["int8/latency_ms"] > 0
+    assert saved["int8/threads"] == torch.get_num_threads()
     assert saved["int8/size_bytes"] == (tmp_path / "run" / "model_int8.onnx").stat().st_size
     net = load_model(tmp_path / "run" / "model.pt")  # the fp32 net, untouched by PTQ
     for key, value in initial.net.state_dict().items():

@@ -43,23 +43,25 @@ def kd_overrides(teachers, *extra: str) -> list[str]:
 # ----- the loss against the formula written out ------------------------------------------------
 
 def reference_kd(student: torch.Tensor, teachers: list[torch.Tensor], targets: torch.Tensor, T: float,
-                 alpha: float) -> torch.Tensor:
-    """alpha * CE + (1 - alpha) * T^2 * KL(p || q), in float64 with explicit exp / log / sums."""
+                 ce_weight: float, kd_weight: float) -> torch.Tensor:
+    """ce_weight * CE + kd_weight * T^2 * KL(p || q), in float64 with explicit exp / log / sums."""
     s, ts = student.double(), [t.double() for t in teachers]
     p = sum(torch.exp(t / T) / torch.exp(t / T).sum(1, keepdim=True) for t in ts) / len(ts)
     log_q = s / T - torch.log(torch.exp(s / T).sum(1, keepdim=True))
     kl = (p * (torch.log(p) - log_q)).sum(1).mean()
     ce = -(s - torch.log(torch.exp(s).sum(1, keepdim=True))).gather(1, targets[:, None]).mean()
-    return alpha * ce + (1 - alpha) * T * T * kl
+    return ce_weight * ce + kd_weight * T * T * kl
 
 
-@pytest.mark.parametrize("T,alpha", [(1.0, 0.0), (2.0, 0.5), (4.0, 0.1), (8.0, 0.9)])
-def test_kd_loss_equals_hinton_formula(T, alpha):
+@pytest.mark.parametrize("T,ce_weight,kd_weight", [(1.0, 0.0, 1.0), (2.0, 0.5, 0.5), (4.0, 0.1, 0.9), (8.0, 1.0, 2.0)])
+def test_kd_loss_equals_hinton_formula(T, ce_weight, kd_weight):
     g = torch.Generator().manual_seed(int(T * 10))
     student, teacher = torch.randn(32, 10, generator=g) * 3, torch.randn(32, 10, generator=g) * 3
     targets = torch.randint(0, 10, (32,), generator=g)
-    got = alpha * F.cross_entropy(student, targets) + (1 - alpha) * kd_loss(student, teacher_probabilities([teacher], T), T)
-    torch.testing.assert_close(got.double(), reference_kd(student, [teacher], targets, T, alpha), rtol=1e-5, atol=1e-6)
+    got = (ce_weight * F.cross_entropy(student, targets)
+           + kd_weight * kd_loss(student, teacher_probabilities([teacher], T), T))
+    torch.testing.assert_close(got.double(), reference_kd(student, [teacher], targets, T, ce_weight, kd_weight),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_ensemble_averages_probabilities_not_logits():
@@ -71,7 +73,7 @@ def test_ensemble_averages_probabilities_not_logits():
     assert not torch.allclose(probs, F.softmax((a + b) / 2 / T, 1), atol=1e-3)
     targets = torch.zeros(16, dtype=torch.long)
     torch.testing.assert_close(kd_loss(student, probs, T).double(),
-                               reference_kd(student, [a, b], targets, T, 0.0), rtol=1e-5, atol=1e-6)
+                               reference_kd(student, [a, b], targets, T, 0.0, 1.0), rtol=1e-5, atol=1e-6)
 
 
 def test_attention_and_fitnets_losses_match_the_papers():
@@ -107,9 +109,11 @@ class Capture(pl.Callback):
         self.teachers = list(kd.teachers)
 
 
-def test_training_loss_is_the_formula_with_an_ensemble(tmp_path, teacher_files):
-    T, alpha = 3.0, 0.3
-    cfg = compose_config(kd_overrides(teacher_files, f"callbacks.kd.temperature={T}", f"callbacks.kd.alpha={alpha}",
+@pytest.mark.parametrize("ce_weight,kd_weight", [(0.3, 0.7), (0.1, 2.5)])
+def test_training_loss_is_the_formula_with_an_ensemble(tmp_path, teacher_files, ce_weight, kd_weight):
+    T = 3.0
+    cfg = compose_config(kd_overrides(teacher_files, f"callbacks.kd.temperature={T}",
+                                      f"callbacks.kd.ce_weight={ce_weight}", f"callbacks.kd.kd_weight={kd_weight}",
                                       "trainer.limit_train_batches=1"), tmp_path)
     datamodule, module, trainer = build(cfg)
     capture = Capture()
@@ -117,7 +121,7 @@ def test_training_loss_is_the_formula_with_an_ensemble(tmp_path, teacher_files):
     trainer.fit(module, datamodule=datamodule)
     with torch.no_grad():
         teacher_logits = [load_model(path)(capture.inputs) for path in teacher_files]
-    expected = reference_kd(capture.logits, teacher_logits, capture.targets, T, alpha)
+    expected = reference_kd(capture.logits, teacher_logits, capture.targets, T, ce_weight, kd_weight)
     torch.testing.assert_close(capture.loss.double(), expected, rtol=1e-4, atol=1e-5)
     assert module.extra_results["kd/teachers"] == [str(p.resolve()) for p in teacher_files]
 
@@ -171,7 +175,9 @@ def test_missing_corrupt_or_unknown_teacher_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"temperature": 0}, r"callbacks\.kd\.temperature.*> 0.*got 0"),
-    ({"alpha": 1.5}, r"callbacks\.kd\.alpha.*\[0, 1\].*got 1\.5"),
+    ({"ce_weight": 1.5}, r"callbacks\.kd\.ce_weight.*\[0, 1\].*got 1\.5"),
+    ({"kd_weight": -0.1}, r"callbacks\.kd\.kd_weight.*>= 0.*got -0\.1"),
+    ({"ce_weight": 0, "kd_weight": 0}, r"callbacks\.kd\.ce_weight.*kd_weight.*both 0"),
     ({"feature_loss": "hint"}, r"callbacks\.kd\.feature_loss.*fitnets, attention.*got 'hint'"),
     ({"feature_loss": "fitnets"}, r"callbacks\.kd\.student_layers.*at least one"),
     ({"student_layers": ["layer3"]}, r"feature_loss.*is null"),
@@ -182,6 +188,32 @@ def test_missing_corrupt_or_unknown_teacher_is_a_clear_error(tmp_path):
 def test_bad_arguments_are_rejected_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         KnowledgeDistillation(**{"teachers": "initial", **kwargs})
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5, "0.1"])
+def test_the_removed_alpha_key_is_a_clear_error(alpha):
+    with pytest.raises(ValueError, match=r"`callbacks\.kd\.alpha` was removed.*weighed the cross-entropy.*"
+                                         r"callbacks\.kd\.ce_weight.*callbacks\.kd\.kd_weight"):
+        KnowledgeDistillation("initial", alpha=alpha)
+
+
+def test_old_alpha_override_gets_the_mapping_to_the_new_keys(tmp_path):
+    with pytest.raises(ValueError, match=r"alpha` was removed.*old alpha=0\.1: callbacks\.kd\.ce_weight=0\.1 "
+                                         r"callbacks\.kd\.kd_weight=0\.9"):
+        build(compose_config([*TINY, *STUDENT, "compression=[kd]", "callbacks.kd.teachers=initial",
+                              "+callbacks.kd.alpha=0.1"], tmp_path))
+
+
+def test_presets_and_default_use_the_two_weights(tmp_path):
+    import hydra
+
+    for overrides in (["compression=[kd]", "callbacks.kd.teachers=initial"],
+                      ["experiment=kd_resnet56_to_resnet20", "callbacks.kd.teachers=initial"],
+                      ["experiment=kd_slimmed_vgg19", "init_from=x.pt"]):
+        cfg = compose_config([*overrides, "data.root=/nonexistent"], tmp_path)
+        assert "alpha" not in cfg.callbacks.kd, overrides
+        callback = hydra.utils.instantiate(cfg.callbacks.kd)
+        assert (callback.ce_weight, callback.kd_weight) == (0.1, 0.9), overrides
 
 
 def test_two_kd_callbacks_are_rejected_before_training():
@@ -253,7 +285,9 @@ def test_slimmed_student_is_distilled_from_its_dense_parent_with_attention(tmp_p
 @pytest.mark.slow
 def test_fitnets_adapter_on_a_layer_that_slimming_thins_is_a_clear_error(tmp_path):
     parent = save_teacher(tmp_path / "dense.pt", width=0.25)
-    overrides = slimmed_from_parent(parent, "callbacks.kd.feature_loss=fitnets", "callbacks.kd.student_layers=[layer3]")
+    # feature_weight 1: the default 100 with lr 0.1 and a random teacher diverges (now a non-finite-loss error)
+    overrides = slimmed_from_parent(parent, "callbacks.kd.feature_loss=fitnets", "callbacks.kd.student_layers=[layer3]",
+                                    "callbacks.kd.feature_weight=1.0")
     datamodule, module, trainer = build(compose_config(overrides, tmp_path / "run"))
     with pytest.raises(ValueError, match=r"callbacks\.kd\.student_layers.*'layer3' now has \d+ channels.*attention"):
         trainer.fit(module, datamodule=datamodule)

@@ -145,3 +145,31 @@ def test_pattern_matching_no_layer_fails_before_training(tiny_config):
 def test_decompose_rejects_a_rank_above_full_rank():
     with pytest.raises(ValueError, match=r"rank must be in 1\.\.8"):
         low_rank.decompose(nn.Linear(8, 20), 9)
+
+
+# ----- lowrank with magnitude_pruning: refused in one fit, supported as two runs ------------------------
+
+@pytest.mark.parametrize("entries", ["magnitude_pruning,lowrank", "lowrank,magnitude_pruning"])
+def test_lowrank_with_magnitude_pruning_in_one_fit_is_refused_before_training(tiny_config, entries):
+    # it used to crash at the first batch: AttributeError on LowRankConv2d.weight
+    with pytest.raises(ValueError, match=r"both `lowrank` and `magnitude_pruning`.*masks would point at layers "
+                                         r"that no longer exist.*compression=\[magnitude_pruning\] init_from="):
+        build(tiny_config(*TINY_NET, f"compression=[{entries}]"))
+
+
+def test_pruning_a_factorised_run_with_init_from_prunes_the_factor_layers(tmp_path):
+    """The two-run path the refusal recommends: lowrank first, then magnitude_pruning on its model.pt."""
+    factorised = [*TINY, *TINY_NET, "optimizer.lr=0.01", "compression=[lowrank]", "callbacks.lowrank.energy=null",
+                  "callbacks.lowrank.rank=4"]
+    assert run(compose_config(factorised, tmp_path / "lowrank"))["status"] == "ok"
+    pruned = [*TINY, *TINY_NET, "optimizer.lr=0.01", "compression=[magnitude_pruning]",
+              "callbacks.magnitude_pruning.sparsity=0.5", f"init_from={tmp_path / 'lowrank' / 'model.pt'}"]
+    results = run(compose_config(pruned, tmp_path / "pruned"))
+    net = load_model(tmp_path / "pruned" / "model.pt")
+    factors = {name for name in results["compress/sparsity_layers"] if name.rpartition(".")[0] in
+               {n for n, m in net.named_modules() if isinstance(m, (low_rank.LowRankLinear, low_rank.LowRankConv2d))}}
+    assert factors, results["compress/sparsity_layers"]
+    assert results["compress/sparsity"] == pytest.approx(0.5, abs=0.01)
+    weights = [net.get_submodule(name).weight for name in results["compress/sparsity_layers"]]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(0.5, abs=0.01)

@@ -33,8 +33,9 @@ def fit(cfg, *extra_callbacks):
 
 
 def frozen(*overrides):
-    """lr 0, no weight decay: the weights after fit are the initial weights times the masks."""
-    return ["optimizer.lr=0.0", "optimizer.weight_decay=0.0", "scheduler=none", *overrides]
+    """No weight decay and an lr (1e-30) whose updates are below float32 resolution of any weight, so
+    the weights after fit are the initial weights times the masks (optimizer.lr must be > 0)."""
+    return ["optimizer.lr=1e-30", "optimizer.weight_decay=0.0", "scheduler=none", *overrides]
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])

@@ -3,6 +3,7 @@ observers, BN folding, exact resume, and clear errors before training."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -132,6 +133,58 @@ def test_bn_fold_keeps_eval_output_and_quantizes_folded_weights():
     torch.testing.assert_close(conv.weight.detach(), folded_weight)
     torch.testing.assert_close(bn.train()(conv(x)), expected, rtol=1e-5, atol=1e-5)  # frozen stats in train mode too
     assert bool(bn.folded)
+
+
+@pytest.mark.parametrize("tokens", [5, 4])  # 4 == out_features: the old (1, -1, 1) offset broadcast silently
+def test_quant_linear_eval_on_tokens_adds_the_int8_bias_per_output_feature(tokens):
+    """A ViT-style (batch, tokens, features) input in eval mode: the output is the linear map of the
+    fake-quantized input and weight plus the bias rounded to the int8 grid s_in * s_w of each
+    output feature (written out here), whatever the token count."""
+    torch.manual_seed(0)
+    layer = fq.wrap_layer(nn.Linear(8, 4), 8, 8, "minmax", 0.01)
+    with torch.no_grad():  # scaled up so the bias grid step (~7e-3) dwarfs float error
+        layer.weight.mul_(10)
+        layer.bias.uniform_(-1, 1)
+    fq.set_quant_state(layer, True, True)
+    layer.train()(10 * torch.randn(2, tokens, 8))
+    fq.set_quant_state(layer, True, False)
+    x = 10 * torch.randn(2, tokens, 8)
+    with torch.no_grad():
+        got = layer.eval()(x)
+        scale, zero_point = fq.activation_qparams(layer.act_min, layer.act_max, 8)
+        x_q = torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero_point), 0, 255)
+        w_scale = layer.weight.abs().amax(1) / 127
+        w_q = torch.clamp(torch.round(layer.weight / w_scale[:, None]), -127, 127) * w_scale[:, None]
+        step = scale * w_scale
+        expected = x_q @ w_q.T + torch.round(layer.bias / step) * step
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got, layer(x.reshape(-1, 8)).reshape(2, tokens, 4), rtol=0, atol=1e-4)
+    rounding = (torch.round(layer.bias / step) * step - layer.bias).abs()
+    assert rounding.min() > 1e-4 and rounding.std() > 1e-4  # per-feature offsets that the tolerance can see
+
+
+def test_a_nan_range_is_reported_as_not_finite_not_as_never_observed(tiny_config):
+    """A diverged run leaves NaN in an observer; QAT and the export must say the range is not
+    finite, not that quantization never ran (the old message sent users to the wrong cause)."""
+    from compression import activation_points
+    from compression.int8_export import export_int8
+
+    datamodule, module, trainer = build(tiny_config("compression=[qat]", "+model.width=0.25"))
+    qat = next(c for c in trainer.callbacks if isinstance(c, QuantizationAwareTraining))
+    qat.setup(trainer, module, "test")
+    net = module.net
+    fq.set_quant_state(net, True, True)
+    with torch.no_grad():
+        net.eval()(torch.randn(4, 3, 32, 32))
+    point = dict(activation_points.quantizers(net))["layer1.0.act1"]
+    point.act_max.fill_(float("nan"))
+    assert fq.unobserved(net) == [] and list(fq.nonfinite_ranges(net)) == ["output of layer1.0.act1"]
+    with pytest.raises(FloatingPointError, match=r"callbacks\.qat: the observed activation range of 1 fake-quant "
+                                                 r"tensors is not finite: 'output of layer1\.0\.act1' "
+                                                 r"\(-?[0-9.]+, nan\)"):
+        qat.on_test_start(trainer, module)
+    with pytest.raises(FloatingPointError, match="range of 'module:layer1.0.act1' is not finite"):
+        export_int8(net, Path(trainer.default_root_dir) / "int8.onnx", (3, 32, 32), [torch.randn(2, 3, 32, 32)])
 
 
 # ----- errors before training ------------------------------------------------------------------

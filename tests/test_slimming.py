@@ -222,3 +222,20 @@ def test_pruning_preset_runs_one_step(tmp_path, preset):
         layers = results["compress/sparsity_layers"]
         assert layers["layer1.0.conv1"] == 10 / 16 and layers["layer2.1.conv1"] == 10 / 32
         assert layers["layer3.1.conv1"] == 7 / 64 and "layer1.7.conv1" not in layers
+
+
+@pytest.mark.slow
+def test_slimming_a_grouped_conv_net_runs_to_the_end(tiny_config):
+    """timm regnetx_002 (every 3x3 conv grouped): slimming used to die inside torch-pruning after training."""
+    cfg = tiny_config(*SLIM, "model.name=regnetx_002", "~model.width", "trainer.max_epochs=2", "save_model=false",
+                      "data.train_size=32", "data.batch_size=16")
+    datamodule, module, trainer = build(cfg)
+    before = sum(p.numel() for p in module.net.parameters())
+    trainer.fit(module, datamodule=datamodule)
+    slim = next(c for c in trainer.callbacks if isinstance(c, ChannelSlimming))
+    assert [r["epoch"] for r in slim.history] == [1] and trainer.current_epoch == 2
+    assert sum(p.numel() for p in module.net.parameters()) == slim.history[0]["params_after"] < before
+    for m in module.net.modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0
+            assert m.weight.shape[1] * m.groups == m.in_channels
