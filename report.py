@@ -39,7 +39,7 @@ def _get(config: dict, dotted: str) -> Any:
 def _compression_label(config: dict) -> str:
     """A plain run's label: its compression entries (callbacks built from conf/compression), or dense."""
     entries = [name for name, entry in (config.get("callbacks") or {}).items()
-               if isinstance(entry, dict) and str(entry.get("_target_", "")).startswith("callbacks.")
+               if isinstance(entry, dict) and str(entry.get("_target_", "")).startswith("netcompress.callbacks.")
                and name != "noop"]
     return "+".join(entries) or "dense"
 

@@ -12,103 +12,22 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 import hydra
-import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_only
-import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
-import models  # noqa: F401  (registers the CIFAR networks in timm)
-import pipeline.resolvers  # noqa: F401  (${launch_dir:} in conf/paths)
-from pipeline.config_checks import check_config
-from pipeline.entries import reshaping_entries
-from evaluation import model_stats, provenance
-from evaluation.results import new_results, write_results
-from lightning_modules.checkpoint_io import SavedNet, build_net, check_same_model, read_saved_net
-from models.serialization import save_model
-
-
-def instantiate(config: DictConfig, **kwargs: Any) -> Any:
-    """hydra.utils.instantiate, re-raising our own clear input errors instead of Hydra's wrapper."""
-    try:
-        return hydra.utils.instantiate(config, **kwargs)
-    except InstantiationException as exc:
-        if isinstance(exc.__cause__, (ValueError, TypeError, FileNotFoundError)):
-            raise exc.__cause__ from None
-        raise
-
-
-def instantiate_group(group: DictConfig | None) -> list[Any]:
-    """Objects of a dict-of-configs group (callbacks, loggers), in config order."""
-    if not group:
-        return []
-    return [instantiate(entry) for entry in group.values() if entry and "_target_" in entry]
-
-
-def check_callback_combination(callbacks: list[pl.Callback]) -> None:
-    """Let each callback reject the others it cannot work with (before any training)."""
-    for callback in callbacks:
-        check = getattr(callback, "check_combination", None)
-        if check is not None:
-            check([other for other in callbacks if other is not callback])
-
-
-def model_kwargs(cfg: DictConfig) -> dict:
-    return {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
-            if k not in ("_target_", "name", "pretrained")}
-
-
-def initial_weights(net, saved: SavedNet | str, spec: dict | None = None):
-    """The network of ``init_from`` (a run's .ckpt or model.pt, thinned or not) in place of a fresh init.
-
-    Refused when it holds another model than the config's (``spec``): another model.name, width or
-    class count would be trained while the config and results.json name the configured one.
-    """
-    if not isinstance(saved, SavedNet):
-        saved = read_saved_net(saved, key="init_from")
-    loaded = build_net(saved)
-    expected = net.get_classifier().out_features
-    got = loaded.get_classifier().out_features
-    if got != expected:
-        raise ValueError(f"init_from={str(saved.path)!r} has {got} classes but the data has {expected}; "
-                         "point init_from at a run on the same data set")
-    if spec is not None:
-        check_same_model(saved, net, spec, thinned_by=None)
-    return loaded.train()
-
-
-def build(cfg: DictConfig):
-    """Datamodule, module, callbacks and trainer from config; every check that can fail runs here."""
-    check_config(cfg)  # every value, key and _target_ argument, before any data is read
-    pl.seed_everything(cfg.seed, workers=True)
-    resume = read_saved_net(cfg.ckpt_path, key="ckpt_path", mmap=True) if cfg.ckpt_path else None
-    init = read_saved_net(cfg.init_from, key="init_from") if cfg.get("init_from") else None
-    datamodule = instantiate(cfg.data)
-    net = instantiate(cfg.model, num_classes=datamodule.num_classes)
-    spec = {"model_name": cfg.model.name, "num_classes": datamodule.num_classes, "model_kwargs": model_kwargs(cfg)}
-    if resume is not None:  # the checkpoint's network is this config's model (thinned only by its compression)
-        thinned_by = reshaping_entries(cfg.get("callbacks")) + (["protocol"] if cfg.get("protocol") else [])
-        check_same_model(resume, net, spec, thinned_by=thinned_by)
-    if init is not None:
-        net = initial_weights(net, init, spec)
-    module = instantiate(
-        cfg.module, net=net, net_spec=spec,
-        optimizer=hydra.utils.instantiate(cfg.optimizer),
-        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-    )
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    check_callback_combination(callbacks)
-    loggers = instantiate_group(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    return datamodule, module, trainer
+from netcompress import models  # noqa: F401  (registers the CIFAR networks in timm)
+from netcompress.pipeline import resolvers  # noqa: F401  (${launch_dir:} in conf/paths)
+from netcompress.evaluation import model_stats, provenance
+from netcompress.evaluation.results import new_results, write_results
+from netcompress.models.serialization import save_model
+from netcompress.pipeline.build import model_kwargs
+from netcompress.pipeline.fit import fit_and_test
 
 
 def measure(module, datamodule, output_dir: Path, cfg: DictConfig) -> dict:
@@ -126,24 +45,12 @@ def measure(module, datamodule, output_dir: Path, cfg: DictConfig) -> dict:
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
-    """Fit, test the final weights, measure, and return (results, objects)."""
+    """Fit, test the final weights and return (results, objects); a protocol runs its stages instead."""
     if cfg.get("protocol"):  # multi-stage protocols (protocols/): same return shape
-        from protocols import run_protocol
+        from netcompress.protocols import run_protocol
 
         return run_protocol(cfg)
-    datamodule, module, trainer = build(cfg)
-    # one image through the net: Lightning's model summary then shows real FLOPs (and sizes), not 0
-    module.example_input_array = torch.zeros(1, *datamodule.input_size)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    train_time = time.perf_counter() - start
-    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)
-    results = {**fit_metrics, **(test_metrics[0] if test_metrics else {}),
-               "epochs": trainer.current_epoch, "global_step": trainer.global_step, "world_size": trainer.world_size,
-               "train_time_s": train_time}
-    results.update(module.extra_results)
-    return results, {"trainer": trainer, "module": module, "datamodule": datamodule}
+    return fit_and_test(cfg)
 
 
 def print_summary(results: dict) -> None:
@@ -213,8 +120,11 @@ def main(cfg: DictConfig) -> float | None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         results = run(cfg)
-    except Exception:
+    except Exception as exc:
         if not multirun:
+            if getattr(exc, "before_training", False):  # a bad setting: one line, results.json has the rest
+                print(f"netcompress: error: {exc}", file=sys.stderr)
+                sys.exit(2)
             raise
         traceback.print_exc()
         return float("nan")  # the sweep goes on; the failed job's results.json says why
@@ -228,7 +138,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    from pipeline.preflight import preflight_or_exit
+    from netcompress.pipeline.preflight import preflight_or_exit
 
     preflight_or_exit(sys.argv[1:])  # command-line mistakes: one line on stderr, exit 2, before Hydra
     main()

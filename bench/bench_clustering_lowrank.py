@@ -27,12 +27,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import models  # noqa: E402,F401
-from callbacks.weight_clustering import WeightClustering  # noqa: E402
-from compression import low_rank  # noqa: E402
-from compression.kmeans import assign, cluster_weight, kmeans_1d, linear_init  # noqa: E402
-from compression.masks import unstructured_masks  # noqa: E402
-from evaluation.model_stats import count_flops, measure_latency_ms  # noqa: E402
+from netcompress import models  # noqa: E402,F401
+from netcompress.callbacks.cluster import Cluster  # noqa: E402
+from netcompress.compression import lowrank as low_rank  # noqa: E402
+from netcompress.compression.kmeans import assign, cluster_weight, kmeans_1d, linear_init  # noqa: E402
+from netcompress.compression.masks import unstructured_masks  # noqa: E402
+from netcompress.evaluation.model_stats import count_flops, measure_latency_ms  # noqa: E402
 
 
 def best_of(fn, repeats: int) -> float:
@@ -73,7 +73,7 @@ def table_kmeans(net: nn.Module, repeats: int) -> None:
         print(f"{k:>5} {plain:>12.3f} {ours:>14.3f} {plain / ours:>8.1f}x {str(same):>12}")
 
 
-def cluster_all(net: nn.Module, callback: WeightClustering) -> WeightClustering:
+def cluster_all(net: nn.Module, callback: Cluster) -> Cluster:
     """What the callback does at its clustering epoch, without a Trainer: cluster and bind the layers."""
     with torch.no_grad():
         for name, layer in callback._select(net).items():
@@ -88,7 +88,7 @@ def cluster_all(net: nn.Module, callback: WeightClustering) -> WeightClustering:
 
 def table_gradient(repeats: int) -> None:
     net = models.create_model("vgg16_bn_cifar", num_classes=10)
-    callback = cluster_all(net, WeightClustering(bits=5, skip_first_last=False))
+    callback = cluster_all(net, Cluster(bits=5, skip_first_last=False))
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     for p in net.parameters():
         p.grad = torch.randn_like(p)
@@ -108,7 +108,7 @@ def table_storage() -> None:
     print(f"{'setting':<28} {'fp32':>9} {'fixed':>8} {'Huffman':>8} {'ratio fixed':>11} {'ratio Huffman':>13}")
     for sparsity, bits in ((0.0, 5), (0.0, 8), (0.925, 5), (0.925, 8)):
         net = models.create_model("vgg16_bn_cifar", num_classes=10)
-        callback = WeightClustering(bits=bits, include=["features.*"])
+        callback = Cluster(bits=bits, include=["features.*"])
         layers = callback._select(net)
         if sparsity:
             masks = unstructured_masks({n: m.weight for n, m in layers.items()}, sparsity, scope="global")

@@ -4,7 +4,7 @@ Part ``step`` (one process, CPU, ``--threads`` threads, default 1 because the co
 times, interleaved over ``--repeats`` rounds on the same batch, the medians of
   * student step: ClassificationModule.training_step + backward + SGD step, no loss terms;
   * teacher forward: the teacher alone under torch.inference_mode (what KD must pay at least);
-  * KD step: the same student step with the KnowledgeDistillation callback's loss term
+  * KD step: the same student step with the KD callback's loss term
     (and, in two more rows, its FitNets / attention-transfer feature terms);
 and prints KD / student and KD / (student + teacher forward): the callback should add nothing
 beyond the teacher's forward, i.e. the last ratio should be ~1.
@@ -37,10 +37,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import models  # noqa: E402,F401
-from callbacks.knowledge_distillation import KnowledgeDistillation  # noqa: E402
-from lightning_modules.classification import ClassificationModule  # noqa: E402
-from models.serialization import save_model  # noqa: E402
+from netcompress import models  # noqa: E402,F401
+from netcompress.callbacks.kd import KD  # noqa: E402
+from netcompress.lightning_modules.classification import ClassificationModule  # noqa: E402
+from netcompress.models.serialization import save_model  # noqa: E402
 
 
 def make_module(name: str, seed: int) -> ClassificationModule:
@@ -51,17 +51,17 @@ def make_module(name: str, seed: int) -> ClassificationModule:
     return module
 
 
-def attach_kd(module: ClassificationModule, teacher_file: Path, **kwargs) -> KnowledgeDistillation:
+def attach_kd(module: ClassificationModule, teacher_file: Path, **kwargs) -> KD:
     """The real callback, wired as the Trainer would (setup, then on_fit_start), without a Trainer."""
     from pytorch_lightning.plugins.precision import Precision
 
-    kd = KnowledgeDistillation(teachers=str(teacher_file), **kwargs)
+    kd = KD(teachers=str(teacher_file), **kwargs)
     kd.setup(SimpleNamespace(datamodule=SimpleNamespace(input_size=(3, 32, 32))), module, "fit")
     kd.on_fit_start(SimpleNamespace(strategy=SimpleNamespace(precision_plugin=Precision())), module)
     return kd
 
 
-def timed_step(module: ClassificationModule, optimizer, batch, kd: KnowledgeDistillation | None) -> float:
+def timed_step(module: ClassificationModule, optimizer, batch, kd: KD | None) -> float:
     start = time.perf_counter()
     if kd is not None:
         kd.on_train_batch_start(None, module, batch, 0)

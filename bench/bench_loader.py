@@ -25,15 +25,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules import CIFAR10DataModule  # noqa: E402
-from datamodules.cifar10_store import build_cache, fallback_cache_file, read_cache  # noqa: E402
+from netcompress.datamodules import CIFAR10DataModule  # noqa: E402
+from netcompress.datamodules.cifar10_store import build_cache, fallback_cache_file, read_cache  # noqa: E402
 
 
 def build_model(name: str) -> tuple[torch.nn.Module, str]:
     """The registered CIFAR network ``name`` (timm registry, see models/)."""
     import timm
 
-    import models  # noqa: F401  (registers the CIFAR nets in timm)
+    from netcompress import models  # noqa: F401  (registers the CIFAR nets in timm)
     return timm.create_model(name, num_classes=10), name
 
 

@@ -45,7 +45,7 @@ def main() -> None:
     proc = subprocess.run(cmd, cwd=ROOT, env=env)
     wall = time.perf_counter() - start
 
-    from report import collect, make_report
+    from netcompress.report import collect, make_report
 
     rows, failed = collect(out)
     stages = sorted((out / "store").glob("*-*[0-9a-f]"))

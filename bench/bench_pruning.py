@@ -2,7 +2,7 @@
 
 1. Per-step training overhead (Lightning fit, ResNet-20, synthetic CIFAR-sized data): median
    time of one training step (forward + backward + SGD + callback hooks) with no callback, with
-   MagnitudePruning (90% unstructured, masks enforced after every step), with BNGammaSparsity,
+   MagnitudePruning (90% unstructured, masks enforced after every step), with BNSparsity,
    and with Lightning's own ModelPruning (forward-pre-hook reparametrisation) for reference.
    Configurations are interleaved over several rounds so machine noise hits all of them alike.
    Targets: <= 1.02x (magnitude), <= 1.01x (BN L1).
@@ -31,13 +31,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import models  # noqa: E402,F401
-from callbacks.bn_sparsity import BNGammaSparsity  # noqa: E402
-from callbacks.channel_slimming import slimming_masks  # noqa: E402
-from callbacks.magnitude_pruning import MagnitudePruning  # noqa: E402
-from compression.channel_removal import remove_channels  # noqa: E402
-from evaluation.model_stats import count_flops, measure_latency_ms  # noqa: E402
-from models.factory import create_model  # noqa: E402
+from netcompress import models  # noqa: E402,F401
+from netcompress.callbacks.bn_sparsity import BNSparsity  # noqa: E402
+from netcompress.callbacks.slimming import slimming_masks  # noqa: E402
+from netcompress.callbacks.magnitude_pruning import MagnitudePruning  # noqa: E402
+from netcompress.compression.channel_removal import remove_channels  # noqa: E402
+from netcompress.evaluation.model_stats import count_flops, measure_latency_ms  # noqa: E402
+from netcompress.models.factory import create_model  # noqa: E402
 
 
 # ----- 1. per-step overhead ----------------------------------------------------------------------
@@ -71,8 +71,8 @@ def time_steps(kind: str, steps: int, batch: int, model: str) -> list[float]:
     import pytorch_lightning as pl
     from functools import partial
 
-    from datamodules.synthetic import SyntheticDataModule
-    from lightning_modules.classification import ClassificationModule
+    from netcompress.datamodules.synthetic import SyntheticDataModule
+    from netcompress.lightning_modules.classification import ClassificationModule
 
     torch.manual_seed(0)
     data = SyntheticDataModule(num_classes=10, train_size=batch * (steps + 3), val_size=batch, test_size=batch,
@@ -80,7 +80,7 @@ def time_steps(kind: str, steps: int, batch: int, model: str) -> list[float]:
     net = create_model(model, num_classes=10)
     module = ClassificationModule(net, optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-4))
     callbacks = {"none": [], "magnitude": [MagnitudePruning(sparsity=0.9, start=0)],
-                 "bn_l1": [BNGammaSparsity(lam=1e-4, log_histogram=False)],
+                 "bn_l1": [BNSparsity(lam=1e-4, log_histogram=False)],
                  "lightning_ModelPruning": [lightning_pruning()]}[kind]
     timer = step_timer()
     hook_times: list[float] = []

@@ -28,13 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import models  # noqa: E402,F401
-from callbacks.quantization_aware_training import QuantizationAwareTraining  # noqa: E402
-from compression import fake_quant as fq  # noqa: E402
-from compression.int8_export import export_fp32_onnx, export_int8, ort_runner, session  # noqa: E402
-from evaluation.model_stats import eager_runner, interleaved_latency_ms  # noqa: E402
-from models.factory import create_model  # noqa: E402
-from models.serialization import save_model  # noqa: E402
+from netcompress import models  # noqa: E402,F401
+from netcompress.callbacks.qat import QAT  # noqa: E402
+from netcompress.compression import fake_quant as fq  # noqa: E402
+from netcompress.compression.int8_export import export_fp32_onnx, export_int8, ort_runner, session  # noqa: E402
+from netcompress.evaluation.model_stats import eager_runner, interleaved_latency_ms  # noqa: E402
+from netcompress.models.factory import create_model  # noqa: E402
+from netcompress.models.serialization import save_model  # noqa: E402
 
 
 def step_time_ms(net: torch.nn.Module, batch: int, steps: int, warmup: int = 3) -> float:
@@ -64,7 +64,7 @@ def qat_net(name: str, **kwargs) -> torch.nn.Module:
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
                 m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
-    QuantizationAwareTraining(bits=8, observer="ema").quantize_net(net)
+    QAT(bits=8, observer="ema").quantize_net(net)
     fq.set_quant_state(net, enabled=True, observe=True)
     return net
 

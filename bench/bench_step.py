@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import pytorch_lightning as pl  # noqa: E402
 
 from conftest import compose_config  # noqa: E402
-from run import build  # noqa: E402
+from netcompress.pipeline.build import build  # noqa: E402
 
 
 class StepClock(pl.Callback):
@@ -53,8 +53,8 @@ def lightning_block(root: str, steps: int, out: Path) -> list[float]:
 
 def plain_block(root: str, steps: int) -> list[float]:
     """The same work written as a bare PyTorch loop."""
-    import models  # noqa: F401
-    from datamodules import CIFAR10DataModule
+    from netcompress import models  # noqa: F401
+    from netcompress.datamodules import CIFAR10DataModule
 
     torch.manual_seed(0)
     net = models.create_model("resnet20_cifar", num_classes=10).to(memory_format=torch.channels_last)

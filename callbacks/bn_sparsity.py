@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from compression.layer_selection import select_layers
+from netcompress.compression.layer_selection import select_layers
 
 KEY = "callbacks.bn_sparsity"
 BN_TYPES: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -32,7 +32,7 @@ def batchnorm_layers(net: nn.Module, include: Sequence[str], exclude: Sequence[s
     return {n: m for n, m in layers.items() if m.affine}
 
 
-class BNGammaSparsity(pl.Callback):
+class BNSparsity(pl.Callback):
     """Add ``lam * sign(gamma)`` to the gradient of every selected BN weight (L1 on gamma).
 
     Args:
@@ -61,7 +61,7 @@ class BNGammaSparsity(pl.Callback):
         self._gammas: list[torch.Tensor] = []
 
     def check_combination(self, others: list) -> None:
-        if any(isinstance(o, BNGammaSparsity) for o in others):
+        if any(isinstance(o, BNSparsity) for o in others):
             raise ValueError(f"`{KEY}` appears twice in `compression`; use one entry")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -22,11 +22,11 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from compression.layer_selection import first_and_last, select_layers
-from compression.masks import (IMPORTANCES, SCOPES, check_choice, check_sparsity, enforce_masks_,
+from netcompress.compression.layer_selection import first_and_last, select_layers
+from netcompress.compression.masks import (IMPORTANCES, SCOPES, check_choice, check_sparsity, enforce_masks_,
                                expand_filter_mask, sparsity_of, structured_masks, unstructured_masks)
-from compression.pruning_schedules import SCHEDULES, PruningSchedule
-from compression.sparse_storage import storage_bytes
+from netcompress.compression.pruning_schedules import SCHEDULES, PruningSchedule
+from netcompress.compression.sparse_storage import storage_bytes
 
 GRANULARITIES = ("unstructured", "structured")
 UNITS = ("epoch", "step")
@@ -41,7 +41,7 @@ def _check_int(value: Any, key: str, minimum: int) -> int:
 
 def example_input(trainer: "pl.Trainer", net: nn.Module) -> torch.Tensor:
     """A one-image batch of the data's input size (for tracing the dependency graph)."""
-    from models.factory import model_input_size
+    from netcompress.models.factory import model_input_size
 
     size = getattr(getattr(trainer, "datamodule", None), "input_size", None) or model_input_size(net)
     return torch.zeros(1, *size, device=next(net.parameters()).device)
@@ -122,7 +122,7 @@ class MagnitudePruning(pl.Callback):
     # ----- checks and set-up ------------------------------------------------------------------
     def check_combination(self, others: list) -> None:
         for other in others:
-            if type(other).__name__ == "ChannelSlimming":
+            if type(other).__name__ == "Slimming":
                 raise ValueError(f"`{KEY}` cannot be combined with slimming: slimming replaces the network "
                                  "mid-training and the masks would point at removed layers")
             if isinstance(other, MagnitudePruning):
@@ -145,10 +145,10 @@ class MagnitudePruning(pl.Callback):
                                  f"'{classifier}'; set skip_first_last=true or exclude it")
             example = example_input(trainer, net)
             if self.remove_filters:
-                from compression.channel_removal import check_removable
+                from netcompress.compression.channel_removal import check_removable
 
                 check_removable(net, list(self._layers), example, key=KEY, exact=True)
-            from compression.channel_removal import following_norms
+            from netcompress.compression.channel_removal import following_norms
 
             self._norms = following_norms(net, [n for n, m in self._layers.items() if isinstance(m, nn.Conv2d)],
                                           example)
@@ -254,7 +254,7 @@ class MagnitudePruning(pl.Callback):
             return
         self._report(pl_module)
         if self.remove_filters:
-            from compression.channel_removal import remove_channels
+            from netcompress.compression.channel_removal import remove_channels
 
             keep = {name: mask.cpu() for name, mask in self.masks.items() if isinstance(self._layers[name], nn.Conv2d)}
             thin = remove_channels(pl_module.net, keep, example_input(trainer, pl_module.net).cpu())

@@ -4,5 +4,5 @@ from __future__ import annotations
 import pytorch_lightning as pl
 
 
-class NoCompression(pl.Callback):
+class Noop(pl.Callback):
     """Leaves training untouched; ``compression=[noop]`` equals ``compression=[]``."""

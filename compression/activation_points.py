@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from compression.fake_quant import ActivationQuantizer, QuantMixin
+from netcompress.compression.fake_quant import ActivationQuantizer, QuantMixin
 
 CONTAINER = "activation_quantizers"
 POINT_TYPES = (nn.ReLU, nn.ReLU6, nn.MaxPool2d)  # leaf outputs that onnxruntime's QDQ model quantizes

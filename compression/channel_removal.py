@@ -62,7 +62,7 @@ def _out_channels(module: nn.Module) -> int:
 
 
 def _classifier_name(net: nn.Module) -> str | None:
-    from models.factory import first_and_last_layer_names
+    from netcompress.models.factory import first_and_last_layer_names
 
     return first_and_last_layer_names(net)[1]
 

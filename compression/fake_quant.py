@@ -371,7 +371,7 @@ def strip(net: nn.Module, bake_weights: bool = False) -> nn.Module:
 
     ``bake_weights=True`` stores the fake-quantized weights (what the int8 model uses) in the copy.
     """
-    from compression.activation_points import detach
+    from netcompress.compression.activation_points import detach
 
     net = copy.deepcopy(net)
     detach(net)

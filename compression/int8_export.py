@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compression.fake_quant import (ActivationQuantizer, activation_qparams, activation_ranges, never_observed,
+from netcompress.compression.fake_quant import (ActivationQuantizer, activation_qparams, activation_ranges, never_observed,
                                      output_ranges, quant_modules, strip)
 
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Relu", "Clip", "Add"]
@@ -61,7 +61,7 @@ def fold_batchnorm(net: nn.Module, input_size: tuple[int, ...]) -> nn.Module:
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    from compression.fake_quant import _set_child, conv_bn_pairs
+    from netcompress.compression.fake_quant import _set_child, conv_bn_pairs
 
     net = copy.deepcopy(net).cpu().eval()
     for conv, bn in conv_bn_pairs(net, input_size).items():
@@ -354,7 +354,7 @@ def compare_latency(int8_path: Path, fp32_path: Path, fp32_net: nn.Module, input
     one window at batch 1 (``repeats`` rounds, eager PyTorch fp32 in the same rounds) and batch 64
     (``max(3, repeats // 10)`` rounds): the speed-up of quantization alone, and the eager one apart.
     """
-    from evaluation.model_stats import eager_runner, interleaved_latency_ms
+    from netcompress.evaluation.model_stats import eager_runner, interleaved_latency_ms
 
     threads = threads or torch.get_num_threads()
     previous = torch.get_num_threads()

@@ -17,7 +17,7 @@ DEFAULT_TYPES: tuple[type, ...] = (nn.Conv2d, nn.Linear)
 
 def first_and_last(net: nn.Module) -> tuple[str | None, str | None]:
     """Names of the stem conv and the classifier (timm pretrained_cfg, else first conv / last linear)."""
-    from models.factory import first_and_last_layer_names
+    from netcompress.models.factory import first_and_last_layer_names
 
     return first_and_last_layer_names(net)
 

@@ -84,7 +84,7 @@ def freeze(net: nn.Module) -> nn.Module:
 
 
 def _timm_teacher(name: str, num_classes: int, pretrained: bool, kwargs: dict, key: str) -> nn.Module:
-    from models.factory import create_model
+    from netcompress.models.factory import create_model
 
     if not pretrained:
         warnings.warn(f"{key}: teacher {name!r} is built with random weights ({key.rsplit('.', 1)[0]}"
@@ -104,7 +104,7 @@ def _timm_teacher(name: str, num_classes: int, pretrained: bool, kwargs: dict, k
 def load_teacher(source: str, student: nn.Module, pretrained: bool = True, timm_kwargs: dict | None = None,
                  key: str = "callbacks.kd.teachers") -> nn.Module:
     """The frozen teacher network of one source, on the CPU; its class count must equal the student's."""
-    from lightning_modules.checkpoint_io import load_net
+    from netcompress.lightning_modules.checkpoint_io import load_net
 
     student_classes = num_classes_of(student)
     kind = kind_of(source)

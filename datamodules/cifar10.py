@@ -9,9 +9,9 @@ import os
 
 import torch
 
-from datamodules.checks import check_nonnegative_int, check_positive_int
-from datamodules.cifar10_store import CIFAR10_CLASSES, check_root, load_cifar10
-from datamodules.tensor_datamodule import Split, TensorDataModule
+from netcompress.datamodules.checks import check_nonnegative_int, check_positive_int
+from netcompress.datamodules.cifar10_store import CIFAR10_CLASSES, check_root, load_cifar10
+from netcompress.datamodules.tensor_datamodule import Split, TensorDataModule
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # per-pixel std of the train set (not the often-copied 0.2023, ...)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from datamodules.checks import check_nonnegative_int, check_positive_int
-from datamodules.tensor_datamodule import Split, TensorDataModule
+from netcompress.datamodules.checks import check_nonnegative_int, check_positive_int
+from netcompress.datamodules.tensor_datamodule import Split, TensorDataModule
 
 NOISE_STD = 48.0  # in uint8 pixel units
 COLOUR_RANGE = (40, 216)  # class colours are drawn per channel in this range

@@ -10,8 +10,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from datamodules.checks import check_nonnegative_int, check_positive_int
-from datamodules.tensor_loader import AugmentedTensorLoader
+from netcompress.datamodules.checks import check_nonnegative_int, check_positive_int
+from netcompress.datamodules.tensor_loader import AugmentedTensorLoader
 
 Split = tuple[Tensor, Tensor]  # uint8 images (N, C, H, W), int64 labels (N,)
 

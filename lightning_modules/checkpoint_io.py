@@ -19,8 +19,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from lightning_modules.classification import CHECKPOINT_KEY
-from models.serialization import FORMAT, architecture_of, reshape_to, why_unreadable
+from netcompress.lightning_modules.classification import CHECKPOINT_KEY
+from netcompress.models.serialization import FORMAT, architecture_of, reshape_to, why_unreadable
 
 log = logging.getLogger(__name__)
 _HINT = "a model.pt or checkpoints/last.ckpt written by run.py"
@@ -77,7 +77,7 @@ def read_saved_net(path: str | os.PathLike, key: str, mmap: bool = False) -> Sav
 
 def build_net(saved: SavedNet) -> nn.Module:
     """The saved network (thinned widths and swapped layers included), in eval mode."""
-    from models.factory import create_model
+    from netcompress.models.factory import create_model
 
     spec = saved.spec
     if "model_name" not in spec or saved.arch is None:
@@ -126,7 +126,7 @@ def _same_dense_model(saved_spec: Mapping, configured: Mapping, configured_arch:
         return False
     if dict(saved_spec.get("model_kwargs") or {}) == dict(configured.get("model_kwargs") or {}):
         return True
-    from models.factory import create_model
+    from netcompress.models.factory import create_model
 
     try:
         dense = create_model(saved_spec["model_name"], num_classes=saved_spec["num_classes"],

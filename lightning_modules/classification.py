@@ -29,8 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
 
-from models.memory_format import cpu_channels_last_unsafe
-from models.serialization import architecture_of, reshape_to
+from netcompress.models.memory_format import cpu_channels_last_unsafe
+from netcompress.models.serialization import architecture_of, reshape_to
 
 CHECKPOINT_KEY = "netcompress"
 

@@ -25,7 +25,7 @@ __all__ = [
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
-_LIST_HINT = "(python -c 'import timm, models; print(timm.list_models(\"*cifar*\"))' lists them)"
+_LIST_HINT = "(python -c 'import timm, netcompress.models; print(timm.list_models(\"*cifar*\"))' lists them)"
 _PRETRAINED_HINT = (
     "set model.pretrained=false, or make the weights available offline: put them in the Hugging Face "
     "cache (HF_HOME) or pass +model.pretrained_cfg_overlay='{file: /path/to/weights.pth}'"

@@ -33,7 +33,7 @@ _SHAPE_ATTRS = (
 # spec["type"] -> fn(spec) -> nn.Module, for modules that replace a layer (see netcompress_spec).
 MODULE_BUILDERS: dict[str, Callable[[dict], nn.Module]] = {}
 # Modules whose import registers builders; imported on demand so load_model works in a fresh process.
-BUILDER_PROVIDERS = ("compression.low_rank",)
+BUILDER_PROVIDERS = ("netcompress.compression.lowrank",)
 
 
 def register_module_builder(kind: str, builder: Callable[[dict], nn.Module]) -> None:
@@ -149,7 +149,7 @@ def why_unreadable(path: Path, exc: BaseException) -> str:
 
 def load_model(path: str | os.PathLike) -> nn.Module:
     """Rebuild a model saved by :func:`save_model` (no pickled code is executed)."""
-    from models.factory import create_model
+    from netcompress.models.factory import create_model
 
     path = Path(path)
     if not path.is_file():

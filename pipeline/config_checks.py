@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipeline.entries import (HYDRA_KEYS, accepted_keys, calibration_only_entries, callback_targets,
+from netcompress.pipeline.entries import (HYDRA_KEYS, accepted_keys, calibration_only_entries, callback_targets,
                               compression_entries, locate, unknown_key_message)
 
 _ABSENT = object()
@@ -213,7 +213,7 @@ def _target_nodes(node: DictConfig, path: str):
             yield from _target_nodes(node[key], f"{path}.{key}" if path else str(key))
 
 
-# Arguments run.build passes itself (not config keys) to the object of a group.
+# Arguments pipeline.build.build passes itself (not config keys) to the object of a group.
 INJECTED: dict[str, frozenset[str]] = {
     "optimizer": frozenset({"params"}),
     "scheduler": frozenset({"optimizer", "total_steps", "steps_per_epoch"}),
@@ -274,6 +274,6 @@ def check_compression_list() -> None:
     if not HydraConfig.initialized():
         return
     overrides = list(HydraConfig.get().overrides.task)
-    from pipeline.preflight import check_overrides
+    from netcompress.pipeline.preflight import check_overrides
 
     check_overrides(overrides, callback_keys=False)

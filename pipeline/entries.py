@@ -72,12 +72,12 @@ def unknown_key_message(path: str, key: str, target: str, valid: list[str]) -> s
 # Entries that physically change layer widths or swap layers (so a checkpoint of this run may hold
 # a thinner network than model.* builds): target -> predicate on the entry's config.
 RESHAPING_TARGETS: dict[str, Callable[[Mapping], bool]] = {
-    "callbacks.channel_slimming.ChannelSlimming": lambda entry: True,
-    "callbacks.magnitude_pruning.MagnitudePruning": lambda entry: bool(entry.get("remove_filters")),
-    "callbacks.low_rank.LowRankDecomposition": lambda entry: True,
+    "netcompress.callbacks.slimming.Slimming": lambda entry: True,
+    "netcompress.callbacks.magnitude_pruning.MagnitudePruning": lambda entry: bool(entry.get("remove_filters")),
+    "netcompress.callbacks.lowrank.LowRank": lambda entry: True,
 }
 # Entries whose whole job needs no training epoch (calibration only): trainer.max_epochs=0 is fine.
-CALIBRATION_ONLY_TARGETS = frozenset({"callbacks.post_training_quantization.PostTrainingQuantization"})
+CALIBRATION_ONLY_TARGETS = frozenset({"netcompress.callbacks.ptq.PTQ"})
 
 
 def _entries(callbacks: Mapping | None) -> list[tuple[str, Mapping]]:

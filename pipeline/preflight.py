@@ -21,8 +21,8 @@ from typing import Any, Iterable
 
 from hydra.core.override_parser.types import ValueType
 
-from pipeline.config_checks import FIELDS
-from pipeline.entries import (CONF_DIR, HYDRA_KEYS, accepted_keys, callback_targets, compression_entries,
+from netcompress.pipeline.config_checks import FIELDS
+from netcompress.pipeline.entries import (CONF_DIR, HYDRA_KEYS, accepted_keys, callback_targets, compression_entries,
                               did_you_mean, locate, unknown_key_message)
 
 # Flags after which the pre-flight cannot know the config (another config file or folder), or

@@ -30,7 +30,7 @@ class ReportOnMultirun(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            from report import make_report
+            from netcompress.report import make_report
 
             written = make_report(sweep_dir, title=self.title)
             log.info("report written: %s", ", ".join(str(p) for p in written))

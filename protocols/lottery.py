@@ -7,7 +7,7 @@ IMP, rewinding to the init); Frankle et al. 2020, "Linear Mode Connectivity and 
 Network Pruning?" (ShrinkBench: the random-pruning baseline).
 
 One job = one (method, sparsity, seed). Stages it depends on are fits of the same machinery
-(``run.build`` -> ``trainer.fit``) cached in a content-addressed store (``stage_store``), so a
+(``pipeline.build.build`` -> ``trainer.fit``) cached in a content-addressed store (``stage_store``), so a
 sweep ``protocol.method=... protocol.prune.round=... seed=...`` trains each dense net once:
 
     dense (seed)      -> model.pt + snapshot_step<k>.pt          key: data/model/module/optimizer/
@@ -27,22 +27,24 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from callbacks.fixed_mask import FixedMask
-from callbacks.rewind_snapshot import RewindSnapshot, check_steps
-from compression.layer_selection import select_layers
-from compression.masks import (check_choice, check_sparsity, sparsity_of, structured_masks,
+from netcompress.evaluation.model_stats import count_flops, count_parameters
+from netcompress.pipeline.build import instantiate
+from netcompress.pipeline.fit import fit_and_test
+from netcompress.protocols.fixed_mask import FixedMask
+from netcompress.protocols.rewind_snapshot import RewindSnapshot, check_steps
+from netcompress.compression.layer_selection import select_layers
+from netcompress.compression.masks import (check_choice, check_sparsity, sparsity_of, structured_masks,
                                unstructured_masks)
-from protocols import stage_store as store_files
-from protocols.retrain_init import (effective_flops, masked_state, random_masks_like,
+from netcompress.protocols import stage_store as store_files
+from netcompress.protocols.retrain_init import (effective_flops, masked_state, random_masks_like,
                                     scratch_b_budget)
-from protocols.stage_store import StageStore, stage_key, write_json_atomic
+from netcompress.protocols.stage_store import StageStore, stage_key, write_json_atomic
 
 METHODS = ("dense", "finetune", "rewind", "reinit", "random_prune")
 # Sweep-friendly names for reinit with a budget (Liu et al. 2019): method=scratch_e,scratch_b
@@ -326,7 +328,7 @@ class LotteryProtocol:
         p = self.prune
         if p["criterion"] == "l1_filter":
             return structured_masks(weights, sparsity, p["scope"], p["importance"], previous)
-        from compression.masks import _masks_from_scores
+        from netcompress.compression.masks import _masks_from_scores
 
         masks = _masks_from_scores({n: w.abs() for n, w in weights.items()}, sparsity, p["scope"], previous)
         for name, keep in masks.items():
@@ -339,7 +341,7 @@ class LotteryProtocol:
         return dict(masks) if masks is not None and self.prune["kind"] == "unstructured" else None
 
     def thin(self, net: torch.nn.Module, keep: Mapping[str, torch.Tensor], base: dict) -> torch.nn.Module:
-        from compression.channel_removal import remove_channels
+        from netcompress.compression.channel_removal import remove_channels
 
         size = _input_size(base)
         return remove_channels(net, dict(keep), torch.zeros(1, *size))
@@ -469,13 +471,13 @@ def load_masks(stage_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_stage_net(stage_dir: Path) -> torch.nn.Module:
-    from models.serialization import load_model
+    from netcompress.models.serialization import load_model
 
     return load_model(Path(stage_dir) / store_files.MODEL).train()
 
 
 def save_net(net: torch.nn.Module, path: Path, base: dict) -> None:
-    from models.serialization import save_model
+    from netcompress.models.serialization import save_model
 
     kwargs = {k: v for k, v in base["model"].items() if k not in ("_target_", "name", "pretrained")}
     save_model(net.cpu(), path, base["model"]["name"], int(net.get_classifier().out_features), kwargs)
@@ -483,8 +485,6 @@ def save_net(net: torch.nn.Module, path: Path, base: dict) -> None:
 
 def fresh_network(base: dict, seed: int, num_classes: int) -> torch.nn.Module:
     """A newly initialised network of the job's model, drawn with ``seed`` (global RNG untouched)."""
-    from run import instantiate
-
     with torch.random.fork_rng():
         torch.manual_seed(int(seed))
         return instantiate(OmegaConf.create(base["model"]), num_classes=num_classes)
@@ -512,42 +512,15 @@ def _stage_config(base: dict, folder: Path, keep: Sequence[str] = ()) -> DictCon
     return cfg
 
 
-def _set_start(module, start: torch.nn.Module | None) -> None:
-    if start is None:
-        return
-    same = {k: list(v.shape) for k, v in module.net.state_dict().items()} == \
-        {k: list(v.shape) for k, v in start.state_dict().items()}
-    if same:
-        module.net.load_state_dict(start.state_dict())
-    else:  # a thinner network (structured pruning)
-        module.replace_net(start)
-
-
-def _metrics(trainer) -> dict:
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-
-
 def fit_stage(base: dict, folder: Path, start: torch.nn.Module | None = None, masks: Mapping | None = None,
               callbacks: Sequence = (), test: bool = False, keep: Sequence[str] = ()) -> tuple[torch.nn.Module, dict]:
     """Fit a shared stage with the job's data/model/optimizer/schedule (no logger, no checkpoints;
     of the job's callbacks only those named in ``keep``)."""
-    from evaluation.model_stats import count_flops, count_parameters
-    from run import build
-
-    datamodule, module, trainer = build(_stage_config(base, folder, keep))
-    _set_start(module, start)
-    if masks:
-        trainer.callbacks.append(FixedMask(masks=masks, key="protocol.stage_mask"))
-    trainer.callbacks.extend(callbacks)
-    t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
-    metrics = {**_metrics(trainer), "train_time_s": time.perf_counter() - t0, "epochs": trainer.current_epoch,
-               "global_step": trainer.global_step}
-    if test:
-        tested = trainer.test(module, datamodule=datamodule, verbose=False)
-        metrics.update(tested[0] if tested else {})
-    net = module.net.cpu()
-    metrics["flops"] = count_flops(net, tuple(datamodule.input_size))
+    extra = [FixedMask(masks=masks, key="protocol.stage_mask")] if masks else []
+    metrics, objects = fit_and_test(_stage_config(base, folder, keep), start=start,
+                                    callbacks=[*extra, *callbacks], test=test)
+    net = objects["module"].net.cpu()
+    metrics["flops"] = count_flops(net, tuple(objects["datamodule"].input_size))
     metrics["params_nonzero"] = count_parameters(net)[1]
     return net, metrics
 
@@ -563,37 +536,17 @@ def _job_config(cfg: DictConfig, overrides: Mapping[str, Any]) -> DictConfig:
 
 def fit_job(cfg: DictConfig, start: torch.nn.Module, masks: Mapping | None,
             overrides: Mapping[str, Any]) -> tuple[dict, dict]:
-    """run.train for the job's own retraining: its callbacks and loggers, plus FixedMask."""
-    from run import build
-
-    datamodule, module, trainer = build(_job_config(cfg, overrides))
-    _set_start(module, start)
-    if masks:
-        trainer.callbacks.append(FixedMask(masks=masks, key="protocol.mask"))
-    t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    train_time = time.perf_counter() - t0
-    fit_metrics = _metrics(trainer)
-    tested = trainer.test(module, datamodule=datamodule, verbose=False)
-    results = {**fit_metrics, **(tested[0] if tested else {}), "epochs": trainer.current_epoch,
-               "global_step": trainer.global_step, "world_size": trainer.world_size, "train_time_s": train_time}
-    results.update(module.extra_results)
-    return results, {"trainer": trainer, "module": module, "datamodule": datamodule}
+    """The job's own retraining: its callbacks and loggers, plus FixedMask."""
+    extra = [FixedMask(masks=masks, key="protocol.mask")] if masks else []
+    return fit_and_test(_job_config(cfg, overrides), start=start, callbacks=extra)
 
 
 def evaluate(cfg: DictConfig, net: torch.nn.Module, stage_metrics: Mapping) -> tuple[dict, dict]:
     """Test a stage's network as this job's result (its training is the stage's)."""
-    from run import build
-
-    datamodule, module, trainer = build(_job_config(cfg, {}))
-    _set_start(module, net)
-    tested = trainer.test(module, datamodule=datamodule, verbose=False)
-    results = {k: stage_metrics[k] for k in ("val/acc1", "val/acc5", "val/loss", "train_time_s", "epochs",
-                                             "global_step") if k in stage_metrics}
-    results.update(tested[0] if tested else {})
-    results.update({"world_size": trainer.world_size, "lottery/reused_stage": True})
-    results.update(module.extra_results)
-    return results, {"trainer": trainer, "module": module, "datamodule": datamodule}
+    results, objects = fit_and_test(_job_config(cfg, {}), start=net, fit=False)
+    reused = {k: stage_metrics[k] for k in ("val/acc1", "val/acc5", "val/loss", "train_time_s", "epochs",
+                                            "global_step") if k in stage_metrics}
+    return {**reused, **results, "lottery/reused_stage": True}, objects
 
 
 def _tell_wandb(trainer, cfg: DictConfig, extra: Mapping) -> None:

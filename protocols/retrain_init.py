@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from evaluation.model_stats import count_flops
+from netcompress.evaluation.model_stats import count_flops
 
 
 def masked_state(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

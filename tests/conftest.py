@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import pipeline.resolvers  # noqa: F401  (${launch_dir:} in conf/paths)
+import netcompress.pipeline.resolvers  # noqa: F401  (${launch_dir:} in conf/paths)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -79,7 +79,7 @@ class StopAfterEpochs:
 
 def fit_interrupted(cfg: DictConfig, epochs: int) -> Path:
     """Fit ``cfg`` but stop after ``epochs`` epochs; returns the last.ckpt to resume from."""
-    from run import build
+    from netcompress.pipeline.build import build
 
     datamodule, module, trainer = build(cfg)
     trainer.callbacks.append(StopAfterEpochs(epochs))
@@ -100,7 +100,7 @@ def assert_same_model_files(dir_a: Path, dir_b: Path) -> dict:
 def straight_and_resumed(base: list[str], tmp_path: Path, stop_after: int) -> tuple[dict, dict, dict]:
     """run() ``base`` uninterrupted, and again stopped after ``stop_after`` epochs then resumed from
     its last.ckpt; asserts both model.pt files are bit-identical. Returns (straight, resumed, state_dict)."""
-    from run import run
+    from netcompress.run import run
 
     straight = run(compose_config(base, tmp_path / "straight"))
     checkpoint = fit_interrupted(compose_config(base, tmp_path / "first"), epochs=stop_after)

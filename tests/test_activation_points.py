@@ -8,17 +8,17 @@ import functools
 import torch
 from torch import nn
 
-import models  # noqa: F401
-from callbacks.quantization_aware_training import QuantizationAwareTraining
-from compression import activation_points
-from compression import fake_quant as fq
-from models.factory import create_model
+from netcompress import models  # noqa: F401
+from netcompress.callbacks.qat import QAT
+from netcompress.compression import activation_points
+from netcompress.compression import fake_quant as fq
+from netcompress.models.factory import create_model
 
 
 def quantized_resnet(seed: int = 0, shortcut: str = "B"):
     torch.manual_seed(seed)
     net = create_model("resnet20_cifar", num_classes=10, width=0.25, shortcut=shortcut)
-    QuantizationAwareTraining(bits=8).quantize_net(net, (3, 32, 32))
+    QAT(bits=8).quantize_net(net, (3, 32, 32))
     fq.set_quant_state(net, True, True)
     with torch.no_grad():
         net.eval()(torch.randn(16, 3, 32, 32))

@@ -14,12 +14,13 @@ import torchvision
 from PIL import Image
 
 from conftest import TINY, TINY_RUN, compose_config, run_cli
-from datamodules import CIFAR10DataModule
-from datamodules.cifar10_store import CIFAR10_CLASSES, load_cifar10
-from models.factory import create_model
-from models.serialization import save_model
-from pipeline.preflight import CommandLineError, check_overrides
-from run import build, run
+from netcompress.datamodules import CIFAR10DataModule
+from netcompress.datamodules.cifar10_store import CIFAR10_CLASSES, load_cifar10
+from netcompress.models.factory import create_model
+from netcompress.models.serialization import save_model
+from netcompress.pipeline.preflight import CommandLineError, check_overrides
+from netcompress.pipeline.build import build
+from netcompress.run import run
 
 
 def failed_record(output_dir: Path) -> str:
@@ -38,7 +39,7 @@ def run_fails(cfg, output_dir: Path, error, match: str) -> str:
     return str(info.value)
 
 
-# ----- A. typed config values, checked in run.build before anything else ------------------------
+# ----- A. typed config values, checked in pipeline.build.build before anything else ------------------------
 
 @pytest.mark.parametrize("override, match", [
     ("seed=abc", r"`seed` must be an int in \[0, 4294967295\]; got 'abc' \(e\.g\. seed=0\)"),
@@ -57,7 +58,7 @@ def test_zero_epochs_refused_unless_nothing_needs_training(tiny_config, tmp_path
     message = run_fails(tiny_config("trainer.max_epochs=0"), tmp_path / "run", ValueError,
                         r"`trainer\.max_epochs`=0 would report an untrained network")
     assert "compression=[ptq]" in message and "init_from" in message
-    from pipeline.config_checks import check_config
+    from netcompress.pipeline.config_checks import check_config
 
     check_config(tiny_config("trainer.max_epochs=0", "compression=[ptq]"))  # calibration only: fine
 
@@ -72,7 +73,7 @@ def test_settings_of_an_entry_not_in_the_compression_list_are_refused(tiny_confi
 
 @pytest.mark.parametrize("overrides, match", [
     (["compression=[slimming]", "+callbacks.slimming.prune_ratoi=0.5"],
-     r"`callbacks\.slimming\.prune_ratoi` is not an argument of callbacks\.channel_slimming\.ChannelSlimming "
+     r"`callbacks\.slimming\.prune_ratoi` is not an argument of callbacks\.channel_slimming\.Slimming "
      r"\(did you mean prune_ratio\?\); valid keys under callbacks\.slimming: prune_ratio, at_epochs"),
     (["+optimizer.lrr=0.1"], r"`optimizer\.lrr` is not an argument of torch\.optim\.SGD \(did you mean lr\?\); "
                              r"valid keys under optimizer: lr, momentum"),
@@ -155,7 +156,7 @@ def test_cli_misspelled_entry_in_a_sweep_exits_2_before_hydra(tmp_path):
 def model_file(path: Path, name: str = "resnet20_cifar", width: float = 0.25, thin: bool = False) -> Path:
     net = create_model(name, num_classes=10, width=width)
     if thin:  # as slimming leaves it: two of layer1.0's four channels removed
-        from compression.channel_removal import remove_channels
+        from netcompress.compression.channel_removal import remove_channels
 
         net = remove_channels(net, {"layer1.0.bn1": torch.tensor([True, False, True, False])},
                               torch.zeros(1, 3, 32, 32))
@@ -165,7 +166,7 @@ def model_file(path: Path, name: str = "resnet20_cifar", width: float = 0.25, th
 
 def checkpoint_file(path: Path, **kwargs) -> Path:
     """A run.py-style checkpoint (state_dict + netcompress's arch/net_spec) of the model_file network."""
-    from lightning_modules.classification import CHECKPOINT_KEY
+    from netcompress.lightning_modules.classification import CHECKPOINT_KEY
 
     saved = torch.load(model_file(path.with_suffix(".pt"), **kwargs), weights_only=True)
     spec = {k: saved[k] for k in ("model_name", "num_classes", "model_kwargs")}
@@ -202,7 +203,7 @@ def test_ckpt_path_of_another_width_is_refused(tiny_config, tmp_path):
 
 def test_thinned_checkpoint_without_a_channel_removing_entry_is_named(tiny_config, tmp_path, caplog):
     path = checkpoint_file(tmp_path / "thin.ckpt", thin=True)
-    with caplog.at_level("WARNING", logger="lightning_modules.checkpoint_io"):
+    with caplog.at_level("WARNING", logger="netcompress.lightning_modules.checkpoint_io"):
         build(tiny_config("+model.width=0.25", f"ckpt_path={path}", "compression=[slimming]",
                           "callbacks.slimming.at_epochs=[1]"))  # its own slimming run: resumes quietly
         assert not caplog.records

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-import models  # noqa: F401
-from compression.channel_removal import channel_counts, check_removable, remove_channels
-from models.factory import create_model
+from netcompress import models  # noqa: F401
+from netcompress.compression.channel_removal import channel_counts, check_removable, remove_channels
+from netcompress.models.factory import create_model
 
 
 def random_keep(net: nn.Module, names: list[str], fraction: float = 0.5, seed: int = 0) -> dict[str, torch.Tensor]:

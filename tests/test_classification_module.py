@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models  # noqa: F401
+from netcompress import models  # noqa: F401
 from conftest import TINY, compose_config
-from lightning_modules import schedules
-from lightning_modules.checkpoint_io import load_net
-from lightning_modules.classification import ClassificationModule, per_class_top1
-from run import build, run
+from netcompress.lightning_modules import schedules
+from netcompress.lightning_modules.checkpoint_io import load_net
+from netcompress.lightning_modules.classification import ClassificationModule, per_class_top1
+from netcompress.pipeline.build import build
+from netcompress.run import run
 
 
 def test_loss_term_is_added_and_task_weight_scales_ce(tiny_config):
@@ -185,7 +186,7 @@ def test_acc5_is_the_share_of_samples_with_the_label_in_the_top_5():
 
 def _imbalanced_test_split(monkeypatch):
     """Synthetic data whose test split keeps every class-0 image but one image of each other class."""
-    from datamodules.synthetic import SyntheticDataModule
+    from netcompress.datamodules.synthetic import SyntheticDataModule
 
     original = SyntheticDataModule.load_splits
 
@@ -257,7 +258,7 @@ def test_cpu_channels_last_is_skipped_where_onednn_backward_crashes(width, expec
     backward corrupts the heap on this machine's CPUs (models/memory_format.py): train contiguous."""
     import timm
 
-    from models.memory_format import cpu_channels_last_unsafe
+    from netcompress.models.memory_format import cpu_channels_last_unsafe
 
     net = timm.create_model("resnet20_cifar", num_classes=10, width=width)
     module = ClassificationModule(net, optimizer=partial(torch.optim.SGD, lr=0.1))

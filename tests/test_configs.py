@@ -55,7 +55,7 @@ def test_trainer_options_build_a_trainer(tmp_path, name):
 @pytest.mark.parametrize("name", OPTIONS["logger"])
 def test_logger_options_build_loggers(tmp_path, name, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    from run import instantiate_group
+    from netcompress.pipeline.build import instantiate_group
 
     cfg = compose_config([*TINY, f"logger={name}"], tmp_path)
     loggers = instantiate_group(cfg.logger)
@@ -64,7 +64,7 @@ def test_logger_options_build_loggers(tmp_path, name, monkeypatch):
 
 @pytest.mark.parametrize("name", OPTIONS["callbacks"])
 def test_callback_options_build_callbacks(tmp_path, name):
-    from run import instantiate_group
+    from netcompress.pipeline.build import instantiate_group
 
     cfg = compose_config([*TINY, f"callbacks={name}"], tmp_path)
     callbacks = instantiate_group(cfg.callbacks)

@@ -19,11 +19,11 @@ from PIL import Image
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torchvision.transforms.functional import normalize
 
-from datamodules import (AugmentedTensorLoader, CIFAR10DataModule, ImageFolderDataModule, ImageNetDataModule,
+from netcompress.datamodules import (AugmentedTensorLoader, CIFAR10DataModule, ImageFolderDataModule, ImageNetDataModule,
                          SyntheticDataModule)
-from datamodules import cifar10_store
-from datamodules.cifar10_store import CIFAR10_CLASSES, load_cifar10
-from datamodules.tensor_loader import crop_flip_nhwc
+from netcompress.datamodules import cifar10_store
+from netcompress.datamodules.cifar10_store import CIFAR10_CLASSES, load_cifar10
+from netcompress.datamodules.tensor_loader import crop_flip_nhwc
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 

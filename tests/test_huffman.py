@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from compression.huffman import (code_lengths, codebook_bits, decode, encode, encoded_bits, labels_from_streams,
+from netcompress.compression.huffman import (code_lengths, codebook_bits, decode, encode, encoded_bits, labels_from_streams,
                                  layer_storage_bits, sparse_streams)
 
 

@@ -11,14 +11,15 @@ import torch
 from onnx import numpy_helper
 from torchmetrics.classification import MulticlassAccuracy
 
-import models  # noqa: F401
-from callbacks.quantization_aware_training import QuantizationAwareTraining
-from compression import fake_quant as fq
-from compression.int8_export import export_int8, fold_batchnorm, predict, session
+from netcompress import models  # noqa: F401
+from netcompress.callbacks.qat import QAT
+from netcompress.compression import fake_quant as fq
+from netcompress.compression.int8_export import export_int8, fold_batchnorm, predict, session
 from conftest import TINY
-from models.factory import create_model
-from models.serialization import load_model
-from run import build, run
+from netcompress.models.factory import create_model
+from netcompress.models.serialization import load_model
+from netcompress.pipeline.build import build
+from netcompress.run import run
 
 
 def calibrated_net(seed: int = 0, bits: int = 8, shortcut: str = "B"):
@@ -28,7 +29,7 @@ def calibrated_net(seed: int = 0, bits: int = 8, shortcut: str = "B"):
 
     Returns (net, calibration batches, (test inputs, test targets)).
     """
-    from datamodules.synthetic import SyntheticDataModule
+    from netcompress.datamodules.synthetic import SyntheticDataModule
 
     torch.manual_seed(seed)
     data = SyntheticDataModule(train_size=512, val_size=0, test_size=256, batch_size=64, seed=seed)
@@ -48,7 +49,7 @@ def calibrated_net(seed: int = 0, bits: int = 8, shortcut: str = "B"):
         solution = torch.linalg.solve(features.T @ features + 1e-3 * torch.eye(features.shape[1]), features.T @ onehot)
         net.fc.weight.copy_(solution[:-1].T * 10)
         net.fc.bias.copy_(solution[-1] * 10)
-    QuantizationAwareTraining(bits=bits).quantize_net(net)
+    QAT(bits=bits).quantize_net(net)
     calibration = [x for x, _ in data.train_dataloader()][:4]
     fq.set_quant_state(net, True, True)
     with torch.no_grad():
@@ -147,7 +148,7 @@ def test_8bit_weights_are_the_qat_integers(exported):
 def test_int8_accuracy_is_sample_averaged_top1(exported):
     """On an imbalanced batch (two thirds one class), accuracy() is the share of images whose int8
     argmax is the label, not the mean per-class recall."""
-    from compression.int8_export import accuracy
+    from netcompress.compression.int8_export import accuracy
 
     _, path, (x, y) = exported
     sess = session(path, threads=1)
@@ -165,7 +166,7 @@ def test_int8_accuracy_is_sample_averaged_top1(exported):
 
 
 def test_interleaved_timing_alternates_the_runners_in_one_window():
-    from evaluation.model_stats import interleaved_latency_ms
+    from netcompress.evaluation.model_stats import interleaved_latency_ms
 
     calls = []
     runners = {name: (lambda name=name: calls.append(name)) for name in ("int8", "fp32")}
@@ -177,7 +178,7 @@ def test_interleaved_timing_alternates_the_runners_in_one_window():
 def test_int8_speedup_is_against_fp32_onnxruntime_at_batch_1_and_64(exported, tmp_path):
     """The speed-up keys compare int8 and fp32 in the same runtime and thread count, each the ratio of
     its own two medians; eager PyTorch has its own key."""
-    from compression.int8_export import compare_latency, export_fp32_onnx
+    from netcompress.compression.int8_export import compare_latency, export_fp32_onnx
 
     net, path, _ = exported
     plain = fq.strip(net)
@@ -244,7 +245,7 @@ def test_ptq_calibrates_without_training_and_reports_int8_figures(tmp_path):
 def test_fp32_onnx_of_a_net_with_batchnorm_act_keeps_the_activation(tmp_path):
     """timm's BatchNormAct2d (BN -> drop -> act in one module): folding BN into the conv must keep
     its activation (ReLU6 here), so the exported fp32 model computes what the torch net does."""
-    from compression.int8_export import export_fp32_onnx
+    from netcompress.compression.int8_export import export_fp32_onnx
 
     torch.manual_seed(0)
     net = create_model("mobilenetv2_050", num_classes=10).eval()

@@ -12,16 +12,17 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-import models  # noqa: F401
-import protocols.lottery as lottery
-from callbacks.fixed_mask import FixedMask
-from compression.masks import sparsity_of
+from netcompress import models  # noqa: F401
+import netcompress.protocols.lottery as lottery
+from netcompress.protocols.fixed_mask import FixedMask
+from netcompress.compression.masks import sparsity_of
 from conftest import TINY, StopAfterEpochs, compose_config
-from protocols import stage_store
-from protocols.lottery import LotteryProtocol, job_base, load_masks
-from protocols.retrain_init import effective_flops, random_masks_like, scratch_b_budget
-from protocols.stage_store import StageStore
-from run import build, run
+from netcompress.protocols import stage_store
+from netcompress.protocols.lottery import LotteryProtocol, job_base, load_masks
+from netcompress.protocols.retrain_init import effective_flops, random_masks_like, scratch_b_budget
+from netcompress.protocols.stage_store import StageStore
+from netcompress.pipeline.build import build
+from netcompress.run import run
 
 # A tiny Conv-2 (Frankle & Carbin's small net at 1/8 width): 4 optimizer steps per epoch.
 NET = ["model.name=conv2_lth", "+model.width=0.125", "scheduler=none"]
@@ -33,7 +34,7 @@ def make_cfg(tmp_path: Path, name: str, *overrides: str):
 
 
 def protocol_of(cfg) -> LotteryProtocol:
-    from run import instantiate
+    from netcompress.pipeline.build import instantiate
 
     return instantiate(cfg.protocol)
 
@@ -106,7 +107,7 @@ def test_effective_flops_counts_only_unpruned_weights():
     masks = {"0": torch.rand(8, 3, 3, 3) > 0.5, "3": torch.rand(10, 8 * 32 * 32) > 0.9}
     conv = 2 * (8 * 32 * 32) * (3 * 9)   # 2 x output elements x fan-in
     fc = 2 * 10 * 8 * 32 * 32
-    from evaluation.model_stats import count_flops
+    from netcompress.evaluation.model_stats import count_flops
     other = count_flops(net, (3, 32, 32)) - conv - fc  # whatever else the counter counts (bias adds)
     expected = other + conv * masks["0"].float().mean() + fc * masks["3"].float().mean()
     assert effective_flops(net, masks, (3, 32, 32)) == pytest.approx(float(expected), abs=1)
@@ -318,7 +319,7 @@ def test_every_preset_composes_and_builds_its_protocol(tmp_path, preset):
         cfg = compose("config", overrides=[f"experiment={preset}", f"paths.store_dir={tmp_path}"],
                       return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    assert cfg.hydra.callbacks.report._target_ == "protocols.hydra_report_callback.ReportOnMultirun"
+    assert cfg.hydra.callbacks.report._target_ == "netcompress.protocols.hydra_report_callback.ReportOnMultirun"
     protocol = LotteryProtocol(**{k: v for k, v in OmegaConf.to_container(cfg.protocol).items() if k != "_target_"})
     for method in str(params["protocol.method"]).split(","):
         LotteryProtocol(**{**{k: v for k, v in OmegaConf.to_container(cfg.protocol).items() if k != "_target_"},

@@ -9,11 +9,11 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.utils.prune as prune
 
-from callbacks.magnitude_pruning import MagnitudePruning
-from compression.pruning_schedules import PruningSchedule, agp_sparsity
-from compression.sparse_storage import decode_bitmask, decode_csr, encode_bitmask, encode_csr, storage_bytes
+from netcompress.callbacks.magnitude_pruning import MagnitudePruning
+from netcompress.compression.pruning_schedules import PruningSchedule, agp_sparsity
+from netcompress.compression.sparse_storage import decode_bitmask, decode_csr, encode_bitmask, encode_csr, storage_bytes
 from conftest import TINY, compose_config, fit_interrupted
-from run import build
+from netcompress.pipeline.build import build
 
 PRUNE = "callbacks.magnitude_pruning"
 SMALL = ["+model.width=0.25", "data.val_size=16", "data.test_size=16"]  # resnet20 with 4/8/16 channels

@@ -14,10 +14,10 @@ import torch_pruning as tp
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-import models
-from models import factory
-from models.cifar_resnet import ZeroPadShortcut
-from models.cifar_vgg import VGG_CFGS
+from netcompress import models
+from netcompress.models import factory
+from netcompress.models.cifar_resnet import ZeroPadShortcut
+from netcompress.models.cifar_vgg import VGG_CFGS
 
 RESNETS = [f"resnet{d}_cifar" for d in (20, 32, 44, 56, 110)]
 VGGS = [f"vgg{d}_bn_cifar" for d in (11, 13, 16, 19)]

@@ -9,9 +9,10 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from conftest import CONF, TINY, TINY_RUN, compose_config
-from models.factory import create_model
-from models.serialization import save_model
-from run import model_kwargs, run
+from netcompress.models.factory import create_model
+from netcompress.models.serialization import save_model
+from netcompress.pipeline.build import model_kwargs
+from netcompress.run import run
 
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 

@@ -11,14 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-import models  # noqa: F401
-from callbacks.post_training_quantization import PostTrainingQuantization
-from callbacks.quantization_aware_training import QuantizationAwareTraining
-from compression import fake_quant as fq
+from netcompress import models  # noqa: F401
+from netcompress.callbacks.ptq import PTQ
+from netcompress.callbacks.qat import QAT
+from netcompress.compression import fake_quant as fq
 from conftest import TINY, compose_config, straight_and_resumed
-from models.factory import create_model
-from models.serialization import load_model
-from run import build, run
+from netcompress.models.factory import create_model
+from netcompress.models.serialization import load_model
+from netcompress.pipeline.build import build
+from netcompress.run import run
 
 SMALL = [*TINY, "+model.width=0.25"]
 
@@ -112,7 +113,7 @@ def test_disabled_wrapper_is_the_float_layer_and_strip_restores_plain_modules():
     net = create_model("resnet20_cifar", num_classes=10, width=0.25).eval()
     x = torch.randn(2, 3, 32, 32)
     reference = net(x)
-    QuantizationAwareTraining().quantize_net(net)
+    QAT().quantize_net(net)
     assert sum(isinstance(m, fq.QuantMixin) for m in net.modules()) == 20  # 21 convs + fc, stem/fc skipped
     torch.testing.assert_close(net(x), reference, rtol=0, atol=0)
     plain = fq.strip(net)
@@ -166,11 +167,11 @@ def test_quant_linear_eval_on_tokens_adds_the_int8_bias_per_output_feature(token
 def test_a_nan_range_is_reported_as_not_finite_not_as_never_observed(tiny_config):
     """A diverged run leaves NaN in an observer; QAT and the export must say the range is not
     finite, not that quantization never ran (the old message sent users to the wrong cause)."""
-    from compression import activation_points
-    from compression.int8_export import export_int8
+    from netcompress.compression import activation_points
+    from netcompress.compression.int8_export import export_int8
 
     datamodule, module, trainer = build(tiny_config("compression=[qat]", "+model.width=0.25"))
-    qat = next(c for c in trainer.callbacks if isinstance(c, QuantizationAwareTraining))
+    qat = next(c for c in trainer.callbacks if isinstance(c, QAT))
     qat.setup(trainer, module, "test")
     net = module.net
     fq.set_quant_state(net, True, True)
@@ -192,9 +193,9 @@ def test_a_nan_range_is_reported_as_not_finite_not_as_never_observed(tiny_config
 @pytest.mark.parametrize("bits", [0, 1, 17, 8.0, True])
 def test_bits_outside_2_to_16_are_rejected(bits):
     with pytest.raises(ValueError, match=rf"`callbacks\.qat\.bits` must be an int in 2\.\.16; got {bits!r}"):
-        QuantizationAwareTraining(bits=bits)
+        QAT(bits=bits)
     with pytest.raises(ValueError, match=r"`callbacks\.ptq\.bits_by_pattern\['layer3\.\*'\]` must be an int in 2\.\.16"):
-        PostTrainingQuantization(bits_by_pattern={"layer3.*": 17})
+        PTQ(bits_by_pattern={"layer3.*": 17})
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -206,7 +207,7 @@ def test_bits_outside_2_to_16_are_rejected(bits):
 ])
 def test_bad_arguments_are_rejected_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        QuantizationAwareTraining(**kwargs)
+        QAT(**kwargs)
 
 
 def test_patterns_that_match_nothing_fail_before_training(tiny_config):
@@ -238,11 +239,11 @@ def test_unsupported_layer_is_named_with_the_fix():
             x = self.mix(x.flatten(2)).unflatten(2, x.shape[2:])
             return self.fc(self.body(x).mean((2, 3)))
 
-    callback = QuantizationAwareTraining(include=["*"])
+    callback = QAT(include=["*"])
     with pytest.raises(ValueError, match=r"layer 'mix' is a Conv1d, which fake quantization does not support.*"
                                          r"callbacks\.qat\.exclude=\['mix'\]"):
         callback.setup(None, SimpleNamespace(net=WithConv1d()), "fit")
-    QuantizationAwareTraining(exclude=["mix"]).quantize_net(WithConv1d())  # the suggested fix works
+    QAT(exclude=["mix"]).quantize_net(WithConv1d())  # the suggested fix works
 
 
 def test_start_after_last_epoch_and_qat_with_ptq_are_rejected(tiny_config):
@@ -263,7 +264,7 @@ def test_schedule_and_mixed_precision_follow_the_config(tiny_config):
     datamodule, module, trainer = build(cfg)
     seen = []
 
-    class Spy(QuantizationAwareTraining.__mro__[-2]):  # pl.Callback
+    class Spy(QAT.__mro__[-2]):  # pl.Callback
         def on_train_epoch_end(self, trainer, pl_module):
             layer = pl_module.net.get_submodule("layer1.0.conv1")
             point = pl_module.net.activation_quantizers["act1"]  # quantizes layer1.0.conv1's input
@@ -276,7 +277,7 @@ def test_schedule_and_mixed_precision_follow_the_config(tiny_config):
     (e0, o0, r0), (e1, o1, r1), (e2, o2, r2) = seen
     assert (e0, o0, e1, o1, e2, o2) == (False, False, True, True, True, False)
     assert r0 == float("-inf") and r1 > 0 and r2 == r1  # observed in epoch 1, frozen in epoch 2
-    qat = next(c for c in trainer.callbacks if isinstance(c, QuantizationAwareTraining))
+    qat = next(c for c in trainer.callbacks if isinstance(c, QAT))
     assert qat.layer_bits["layer3.0.conv1"] == 4 and qat.layer_bits["layer1.0.conv1"] == 8
     assert module.net.get_submodule("layer3.0.conv1").weight_bits == 4
 
@@ -307,7 +308,7 @@ def test_configs_and_presets_instantiate(tmp_path, overrides):
     cfg = compose_config([*overrides, "data.root=/nonexistent"], tmp_path)
     name = "ptq" if "compression=[ptq]" in overrides else "qat"
     callback = hydra.utils.instantiate(cfg.callbacks[name])
-    assert isinstance(callback, PostTrainingQuantization if name == "ptq" else QuantizationAwareTraining)
+    assert isinstance(callback, PTQ if name == "ptq" else QAT)
     if overrides[0].startswith("experiment=qat_resnet20"):
         assert (callback.start_epoch, callback.freeze_observers_epoch, callback.fold_bn) == (120, 150, True)
 

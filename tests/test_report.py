@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from evaluation.results import write_results
-from protocols.hydra_report_callback import ReportOnMultirun
-from report import DENSE_LABEL, aggregate, collect, make_report
-from report import main as report_main
+from netcompress.evaluation.results import write_results
+from netcompress.protocols.hydra_report_callback import ReportOnMultirun
+from netcompress.report import DENSE_LABEL, aggregate, collect, make_report
+from netcompress.report import main as report_main
 
 ACC = {  # (method, sparsity) -> test acc1 of seeds 0, 1, 2
     ("rewind k=0", 0.2): [0.90, 0.92, 0.94],
@@ -118,7 +118,7 @@ def test_report_refuses_a_folder_without_runs(tmp_path, capsys):
 
 
 def test_plain_sweep_jobs_are_labelled_by_their_compression_entries(tmp_path):
-    for name, callbacks in {"a": {}, "b": {"magnitude_pruning": {"_target_": "callbacks.magnitude_pruning.X"},
+    for name, callbacks in {"a": {}, "b": {"magnitude_pruning": {"_target_": "netcompress.callbacks.magnitude_pruning.X"},
                                            "model_checkpoint": {"_target_": "pytorch_lightning.callbacks.X"}}}.items():
         (tmp_path / name / ".hydra").mkdir(parents=True)
         write_results(tmp_path / name, {"status": "ok", "seed": 0, "test/acc1": 0.5,

@@ -11,11 +11,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-import models  # noqa: F401
+from netcompress import models  # noqa: F401
 from conftest import ROOT, TINY, TINY_RUN, compose_config, run_cli, straight_and_resumed
-from evaluation.results import REQUIRED_KEYS
-from models.serialization import load_model
-from run import build, run
+from netcompress.evaluation.results import REQUIRED_KEYS
+from netcompress.models.serialization import load_model
+from netcompress.pipeline.build import build
+from netcompress.run import run
 
 CIFAR_MODELS = ["resnet20_cifar", "resnet32_cifar", "resnet44_cifar", "resnet56_cifar", "resnet110_cifar",
                 "vgg11_bn_cifar", "vgg13_bn_cifar", "vgg16_bn_cifar", "vgg19_bn_cifar",
@@ -123,12 +124,12 @@ def test_tiny_imagefolder_tree_trains_and_tests(tmp_path):
 
 
 def test_compression_list_composes_into_trainer_callbacks(tiny_config):
-    from callbacks.noop import NoCompression
+    from netcompress.callbacks.noop import Noop
 
     cfg = tiny_config("compression=[noop]")
     assert list(cfg.callbacks) == ["noop"]
     _, _, trainer = build(cfg)
-    assert sum(isinstance(c, NoCompression) for c in trainer.callbacks) == 1
+    assert sum(isinstance(c, Noop) for c in trainer.callbacks) == 1
     empty = tiny_config("compression=[]")
     assert not empty.callbacks
 

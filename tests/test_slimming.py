@@ -11,15 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-import models  # noqa: F401
-from callbacks.bn_sparsity import BNGammaSparsity
-from callbacks.channel_slimming import ChannelSlimming, slimming_masks
-from compression.channel_removal import remove_channels
+from netcompress import models  # noqa: F401
+from netcompress.callbacks.bn_sparsity import BNSparsity
+from netcompress.callbacks.slimming import Slimming, slimming_masks
+from netcompress.compression.channel_removal import remove_channels
 from conftest import TINY, compose_config, fit_interrupted
-from evaluation.model_stats import count_flops
-from models.factory import create_model
-from models.serialization import load_model, save_model
-from run import build, run
+from netcompress.evaluation.model_stats import count_flops
+from netcompress.models.factory import create_model
+from netcompress.models.serialization import load_model, save_model
+from netcompress.pipeline.build import build
+from netcompress.run import run
 
 SLIM = ["compression=[bn_sparsity,slimming]", "model.name=vgg11_bn_cifar", "+model.width=0.125",
         "data.val_size=16", "data.test_size=16", "callbacks.slimming.at_epochs=[1]",
@@ -59,7 +60,7 @@ def test_bn_l1_adds_lambda_sign_gamma_to_the_gradient():
     loss = loss + lam * sum(m.weight.abs().sum() for m in reference.modules() if isinstance(m, nn.BatchNorm2d))
     loss.backward()
     nn.functional.cross_entropy(net(x), y).backward()
-    callback = BNGammaSparsity(lam=lam)
+    callback = BNSparsity(lam=lam)
     module = SimpleNamespace(net=net)
     callback.setup(None, module, "fit")
     callback.on_before_optimizer_step(SimpleNamespace(current_epoch=0), module, None)
@@ -67,7 +68,7 @@ def test_bn_l1_adds_lambda_sign_gamma_to_the_gradient():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
     # until_epoch switches it off
     before = [p.grad.clone() for p in net.parameters()]
-    BNGammaSparsity(lam=lam, until_epoch=1).on_before_optimizer_step(SimpleNamespace(current_epoch=1), module, None)
+    BNSparsity(lam=lam, until_epoch=1).on_before_optimizer_step(SimpleNamespace(current_epoch=1), module, None)
     assert all(torch.equal(a, p.grad) for a, p in zip(before, net.parameters()))
 
 
@@ -145,7 +146,7 @@ def test_multi_pass_and_finetune_lr(tiny_config):
                       "callbacks.slimming.prune_ratio=[0.3,0.3]", "save_model=false", "scheduler=none")
     datamodule, module, trainer = build(cfg)
     trainer.fit(module, datamodule=datamodule)
-    slim = next(c for c in trainer.callbacks if isinstance(c, ChannelSlimming))
+    slim = next(c for c in trainer.callbacks if isinstance(c, Slimming))
     assert [r["epoch"] for r in slim.history] == [1, 2]
     assert slim.history[1]["params_before"] == slim.history[0]["params_after"] > slim.history[1]["params_after"]
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01)  # the rebuilt optimizer's lr
@@ -184,12 +185,12 @@ def test_slimming_a_model_without_batchnorm_fails_before_training(tiny_config):
 ])
 def test_bad_slimming_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        ChannelSlimming(**kwargs)
+        Slimming(**kwargs)
 
 
 def test_bad_bn_sparsity_arguments_and_epochs_past_the_end(tiny_config):
     with pytest.raises(ValueError, match=r"bn_sparsity\.lam.*\[0, 1\).*-1"):
-        BNGammaSparsity(lam=-1)
+        BNSparsity(lam=-1)
     cfg = tiny_config(*SLIM, "callbacks.slimming.at_epochs=[5]")
     datamodule, module, trainer = build(cfg)
     with pytest.raises(ValueError, match=r"at_epochs.*\[5\] goes past trainer.max_epochs=1"):
@@ -232,7 +233,7 @@ def test_slimming_a_grouped_conv_net_runs_to_the_end(tiny_config):
     datamodule, module, trainer = build(cfg)
     before = sum(p.numel() for p in module.net.parameters())
     trainer.fit(module, datamodule=datamodule)
-    slim = next(c for c in trainer.callbacks if isinstance(c, ChannelSlimming))
+    slim = next(c for c in trainer.callbacks if isinstance(c, Slimming))
     assert [r["epoch"] for r in slim.history] == [1] and trainer.current_epoch == 2
     assert sum(p.numel() for p in module.net.parameters()) == slim.history[0]["params_after"] < before
     for m in module.net.modules():

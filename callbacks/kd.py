@@ -32,10 +32,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
-from compression.distillation_losses import (attention_loss, fitnets_loss, kd_loss, make_adapter,
+from netcompress.compression.distillation_losses import (attention_loss, fitnets_loss, kd_loss, make_adapter,
                                              teacher_probabilities)
-from compression.layer_selection import select_layers
-from compression.teachers import INITIAL, check_sources, kind_of, load_teacher
+from netcompress.compression.layer_selection import select_layers
+from netcompress.compression.teachers import INITIAL, check_sources, kind_of, load_teacher
 
 KEY = "callbacks.kd"  # where conf/compression/kd.yaml lands (# @package callbacks)
 FEATURE_LOSSES = ("fitnets", "attention")
@@ -110,7 +110,7 @@ def reject_alpha(alpha: Any) -> None:
                      f"(distillation weight, default 0.9) instead{hint}, and drop alpha")
 
 
-class KnowledgeDistillation(pl.Callback):
+class KD(pl.Callback):
     """Distil one teacher or an ensemble into the student through an extra loss term.
 
     Args:
@@ -188,8 +188,8 @@ class KnowledgeDistillation(pl.Callback):
 
     # ----- checks before training -----------------------------------------------------------
     def check_combination(self, others: list[pl.Callback]) -> None:
-        if any(isinstance(other, KnowledgeDistillation) for other in others):
-            raise ValueError(f"{KEY}: only one KnowledgeDistillation callback per run; list several teachers "
+        if any(isinstance(other, KD) for other in others):
+            raise ValueError(f"{KEY}: only one KD callback per run; list several teachers "
                              f"in {KEY}.teachers for an ensemble")
 
     def _describe(self, source: str) -> str:
@@ -218,7 +218,7 @@ class KnowledgeDistillation(pl.Callback):
         pl_module.report_result("kd/teachers", list(self.described))
 
     def _setup_features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from models.factory import model_input_size
+        from netcompress.models.factory import model_input_size
 
         student, teacher = pl_module.net, self.teachers[0]
         self._student_names = resolve_layers(student, self.student_patterns, f"{KEY}.student_layers")

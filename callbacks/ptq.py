@@ -14,14 +14,14 @@ from typing import Mapping, Sequence
 
 import pytorch_lightning as pl
 
-from callbacks.quantization_aware_training import QuantizationBase
-from compression import fake_quant as fq
+from netcompress.callbacks.qat import QuantizationBase
+from netcompress.compression import fake_quant as fq
 
 
-class PostTrainingQuantization(QuantizationBase):
+class PTQ(QuantizationBase):
     """Fake-quant layers stay inactive during fit; ``calibration_batches`` training batches set the ranges.
 
-    Args: as :class:`callbacks.quantization_aware_training.QuantizationAwareTraining` without the
+    Args: as :class:`callbacks.qat.QAT` without the
     schedule (``bits``, ``act_bits``, ``bits_by_pattern``, ``include``, ``exclude``,
     ``skip_first_last``, ``observer``, ``ema_momentum``, ``export_int8``, ``calibration_batches``,
     ``latency_repeats``). The same training batches calibrate the observers and onnxruntime.

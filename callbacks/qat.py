@@ -26,9 +26,9 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from compression import fake_quant as fq
-from compression.layer_selection import select_layers
-from models.factory import model_input_size
+from netcompress.compression import fake_quant as fq
+from netcompress.compression.layer_selection import select_layers
+from netcompress.models.factory import model_input_size
 
 
 def _plain(value: Any) -> Any:
@@ -115,7 +115,7 @@ class QuantizationBase(pl.Callback):
     def quantize_net(self, net: nn.Module, input_size: tuple[int, ...] | None = None) -> None:
         """Swap the selected layers for fake-quant ones and add the activation output points
         (``compression/activation_points.py``); idempotent: a second setup changes nothing."""
-        from compression.activation_points import attach
+        from netcompress.compression.activation_points import attach
 
         layers = self._select(net)
         self.layer_bits = fq.layer_bits(list(layers), self.bits, self.bits_by_pattern)
@@ -140,7 +140,7 @@ class QuantizationBase(pl.Callback):
     @torch.no_grad()
     def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Observe the inputs of every quantized layer on the first N training batches (eval mode)."""
-        from compression.int8_export import calibration_batches
+        from netcompress.compression.int8_export import calibration_batches
 
         if trainer.datamodule is None:
             raise RuntimeError(f"callbacks.{self.name}: calibration needs trainer.test(..., datamodule=...)")
@@ -175,7 +175,7 @@ class QuantizationBase(pl.Callback):
         """int8 figures (export, test, latency, size), then module.net <- the plain fp32 net."""
         qnet = pl_module.net
         if self.export_int8 and trainer.is_global_zero:
-            from compression.int8_export import report_int8
+            from netcompress.compression.int8_export import report_int8
 
             if trainer.datamodule is None:
                 raise RuntimeError(f"callbacks.{self.name}.export_int8 needs trainer.test(..., datamodule=...) "
@@ -189,7 +189,7 @@ class QuantizationBase(pl.Callback):
         pl_module.replace_net(fq.strip(qnet).to(pl_module.device))
 
 
-class QuantizationAwareTraining(QuantizationBase):
+class QAT(QuantizationBase):
     """Fake-quantize Conv2d/Linear weights (per-channel symmetric) and inputs (per-tensor affine).
 
     Args:

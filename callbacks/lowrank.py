@@ -15,14 +15,14 @@ from typing import Any, Sequence
 import pytorch_lightning as pl
 from torch import nn
 
-from compression import low_rank
-from compression.layer_selection import select_layers
-from evaluation.model_stats import count_flops, count_parameters
+from netcompress.compression import lowrank as low_rank
+from netcompress.compression.layer_selection import select_layers
+from netcompress.evaluation.model_stats import count_flops, count_parameters
 
 KEY = "callbacks.lowrank"
 
 
-class LowRankDecomposition(pl.Callback):
+class LowRank(pl.Callback):
     """Replace Linear/Conv2d layers by rank-r pairs (truncated SVD) and fine-tune.
 
     Args:
@@ -71,9 +71,9 @@ class LowRankDecomposition(pl.Callback):
         self.report: dict[str, Any] = {}  # empty until decomposed; saved for resume
 
     def check_combination(self, others: list[pl.Callback]) -> None:
-        from callbacks.magnitude_pruning import MagnitudePruning
+        from netcompress.callbacks.magnitude_pruning import MagnitudePruning
 
-        if any(isinstance(other, LowRankDecomposition) for other in others):
+        if any(isinstance(other, LowRank) for other in others):
             raise ValueError("compression lists `lowrank` twice; one low-rank callback per run")
         if any(isinstance(other, MagnitudePruning) for other in others):
             raise ValueError(

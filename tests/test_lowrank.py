@@ -9,12 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-import models  # noqa: F401
-from compression import low_rank
+from netcompress import models  # noqa: F401
+from netcompress.compression import lowrank as low_rank
 from conftest import ROOT, TINY, compose_config, straight_and_resumed
-from evaluation.model_stats import count_flops
-from models.serialization import load_model, save_model
-from run import build, run
+from netcompress.evaluation.model_stats import count_flops
+from netcompress.models.serialization import load_model, save_model
+from netcompress.pipeline.build import build
+from netcompress.run import run
 
 TINY_NET = ["model.name=conv2_lth", "+model.width=0.125", "latency_repeats=1"]
 
@@ -99,7 +100,7 @@ def test_decomposed_model_pt_reloads_in_a_fresh_process_with_equal_outputs(tmp_p
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     torch.save(x, tmp_path / "x.pt")
     # A new interpreter that imports nothing of compression/: load_model must find the builders itself.
-    script = ("import torch, sys; from models.serialization import load_model; "
+    script = ("import torch, sys; from netcompress.models.serialization import load_model; "
               "net = load_model(sys.argv[1]); torch.save(net(torch.load(sys.argv[2])), sys.argv[3])")
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model.pt"), str(tmp_path / "x.pt"),
                            str(tmp_path / "y.pt")], cwd=ROOT, capture_output=True, text=True, timeout=300)

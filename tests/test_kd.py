@@ -9,13 +9,13 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-import models  # noqa: F401
-from callbacks.knowledge_distillation import KnowledgeDistillation
-from compression.distillation_losses import (attention_loss, fitnets_loss, kd_loss, make_adapter,
+from netcompress import models  # noqa: F401
+from netcompress.callbacks.kd import KD
+from netcompress.compression.distillation_losses import (attention_loss, fitnets_loss, kd_loss, make_adapter,
                                              teacher_probabilities)
 from conftest import CONF, TINY, compose_config, fit_interrupted
-from models.serialization import load_model, save_model
-from run import build
+from netcompress.models.serialization import load_model, save_model
+from netcompress.pipeline.build import build
 
 # A quarter-width ResNet-20 on 16x16 synthetic images: every fit below takes a few seconds.
 STUDENT = ["model.name=resnet20_cifar", "+model.width=0.25", "data.image_size=16"]
@@ -105,7 +105,7 @@ class Capture(pl.Callback):
             self.handle.remove()
 
     def on_train_end(self, trainer, pl_module):
-        kd = next(c for c in trainer.callbacks if isinstance(c, KnowledgeDistillation))
+        kd = next(c for c in trainer.callbacks if isinstance(c, KD))
         self.teachers = list(kd.teachers)
 
 
@@ -145,7 +145,7 @@ def test_teachers_get_no_gradient_and_are_not_trained_or_saved(tmp_path, teacher
     assert optimised >= {id(p) for p in module.aux["kd_adapters"].parameters()}  # the adapter trains
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(k.startswith(("net.", "aux.kd_adapters.")) for k in checkpoint["state_dict"])
-    state = next(v for k, v in checkpoint["callbacks"].items() if "KnowledgeDistillation" in k)
+    state = next(v for k, v in checkpoint["callbacks"].items() if "KD" in k)
     assert state["teachers"] == [str(teacher_files[0].resolve())]  # the source, not the weights
     assert "kd_adapters" not in str(list(module.net.state_dict()))
 
@@ -187,14 +187,14 @@ def test_missing_corrupt_or_unknown_teacher_is_a_clear_error(tmp_path):
 ])
 def test_bad_arguments_are_rejected_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        KnowledgeDistillation(**{"teachers": "initial", **kwargs})
+        KD(**{"teachers": "initial", **kwargs})
 
 
 @pytest.mark.parametrize("alpha", [0.1, 0.5, "0.1"])
 def test_the_removed_alpha_key_is_a_clear_error(alpha):
     with pytest.raises(ValueError, match=r"`callbacks\.kd\.alpha` was removed.*weighed the cross-entropy.*"
                                          r"callbacks\.kd\.ce_weight.*callbacks\.kd\.kd_weight"):
-        KnowledgeDistillation("initial", alpha=alpha)
+        KD("initial", alpha=alpha)
 
 
 def test_old_alpha_override_gets_the_mapping_to_the_new_keys(tmp_path):
@@ -217,10 +217,10 @@ def test_presets_and_default_use_the_two_weights(tmp_path):
 
 
 def test_two_kd_callbacks_are_rejected_before_training():
-    from run import check_callback_combination
+    from netcompress.pipeline.build import check_callback_combination
 
-    with pytest.raises(ValueError, match="only one KnowledgeDistillation"):
-        check_callback_combination([KnowledgeDistillation("initial"), KnowledgeDistillation("initial")])
+    with pytest.raises(ValueError, match="only one KD"):
+        check_callback_combination([KD("initial"), KD("initial")])
 
 
 def test_unmatched_hint_layer_lists_the_layer_names(tmp_path, teacher_files):
@@ -263,7 +263,7 @@ def slimmed_from_parent(parent, *extra: str) -> list[str]:
 
 class SnapshotTeacher(pl.Callback):
     def on_train_end(self, trainer, pl_module):
-        self.teacher = next(c for c in trainer.callbacks if isinstance(c, KnowledgeDistillation)).teachers[0]
+        self.teacher = next(c for c in trainer.callbacks if isinstance(c, KD)).teachers[0]
 
 
 @pytest.mark.slow
@@ -315,7 +315,7 @@ def test_pruned_student_keeps_a_dense_teacher(tmp_path):
 @pytest.mark.slow
 def test_distill_with_qat_from_one_config(tmp_path):
     """QAT's setup wraps the student's layers first; the 'initial' teacher must still compute the float parent."""
-    from compression.fake_quant import QuantMixin
+    from netcompress.compression.fake_quant import QuantMixin
 
     parent = save_teacher(tmp_path / "dense.pt", width=0.25)
     overrides = [*TINY, *STUDENT, f"init_from={parent}", "compression=[qat,kd]", "callbacks.kd.teachers=initial",

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import pytorch_lightning as pl
 import torch
 
-from compression.masks import enforce_masks_
+from netcompress.compression.masks import enforce_masks_
 
 
 def check_masks(masks: Any, key: str) -> dict[str, torch.Tensor]:

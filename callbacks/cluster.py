@@ -26,9 +26,9 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from compression.huffman import layer_storage_bits
-from compression.kmeans import check_bits, cluster_weight
-from compression.layer_selection import select_layers
+from netcompress.compression.huffman import layer_storage_bits
+from netcompress.compression.kmeans import check_bits, cluster_weight
+from netcompress.compression.layer_selection import select_layers
 
 KEY = "callbacks.cluster"
 GRADIENTS = ("sum", "mean")
@@ -67,7 +67,7 @@ def _last_pruning_epoch(other: pl.Callback) -> int | None:
     return None
 
 
-class WeightClustering(pl.Callback):
+class Cluster(pl.Callback):
     """k-means weight sharing with shared-weight fine-tuning, and the Deep Compression size report.
 
     Args:
@@ -111,12 +111,12 @@ class WeightClustering(pl.Callback):
 
     # ----- checks ------------------------------------------------------------------------------
     def check_combination(self, others: list[pl.Callback]) -> None:
-        from callbacks.low_rank import LowRankDecomposition
+        from netcompress.callbacks.lowrank import LowRank
 
         for other in others:
-            if isinstance(other, WeightClustering):
+            if isinstance(other, Cluster):
                 raise ValueError("compression lists `cluster` twice; one clustering callback per run")
-            if isinstance(other, LowRankDecomposition) and other.at_epoch > 0 and other.at_epoch >= self.at_epoch:
+            if isinstance(other, LowRank) and other.at_epoch > 0 and other.at_epoch >= self.at_epoch:
                 raise ValueError(
                     f"`callbacks.lowrank.at_epoch` ({other.at_epoch}) must be 0 or before "
                     f"`{KEY}.at_epoch` ({self.at_epoch}): decomposing clustered layers would undo the clustering")

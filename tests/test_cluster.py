@@ -9,13 +9,14 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-import models  # noqa: F401
-from callbacks.weight_clustering import WeightClustering
-from compression.kmeans import cluster_weight, kmeans_1d
+from netcompress import models  # noqa: F401
+from netcompress.callbacks.cluster import Cluster
+from netcompress.compression.kmeans import cluster_weight, kmeans_1d
 from conftest import TINY, compose_config, straight_and_resumed
 from test_huffman import merged_weight_sum as reference_huffman_bits
-from models.serialization import load_model
-from run import build, run
+from netcompress.models.serialization import load_model
+from netcompress.pipeline.build import build
+from netcompress.run import run
 
 # conv2_lth at 1/8 width: convs 3->8->8, fc 2048->32->32->10 (fast on 2 cores).
 TINY_NET = ["model.name=conv2_lth", "+model.width=0.125", "latency_repeats=1"]
@@ -61,7 +62,7 @@ def test_shared_gradient_is_the_cluster_sum_or_mean(gradient, kind):
     layer = nn.Linear(20, 15) if kind == "linear" else nn.Conv2d(6, 8, 3).to(memory_format=torch.channels_last)
     with torch.no_grad():
         layer.weight[:, :4] = 0  # pruned
-    callback = WeightClustering(bits=2, gradient=gradient)
+    callback = Cluster(bits=2, gradient=gradient)
     _, labels, clustered = cluster_weight(layer.weight, 2)
     with torch.no_grad():
         layer.weight.copy_(clustered)
@@ -110,7 +111,7 @@ def test_distinct_values_stay_at_most_2_to_the_b_after_many_steps(tmp_path):
     trainer.callbacks.append(Snapshot())
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 24
-    callback = next(c for c in trainer.callbacks if isinstance(c, WeightClustering))
+    callback = next(c for c in trainer.callbacks if isinstance(c, Cluster))
     start = seen["after_clustering"]
     for name, labels in callback._labels.items():
         weight = dict(module.net.named_modules())[name].weight.detach()

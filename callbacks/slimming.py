@@ -16,10 +16,10 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from callbacks.bn_sparsity import batchnorm_layers
-from callbacks.magnitude_pruning import example_input
-from compression.channel_removal import check_removable, remove_channels
-from compression.masks import check_choice, check_sparsity
+from netcompress.callbacks.bn_sparsity import batchnorm_layers
+from netcompress.callbacks.magnitude_pruning import example_input
+from netcompress.compression.channel_removal import check_removable, remove_channels
+from netcompress.compression.masks import check_choice, check_sparsity
 
 KEY = "callbacks.slimming"
 CRITERIA = ("gamma", "running_var")
@@ -54,7 +54,7 @@ def slimming_masks(bns: dict[str, nn.Module], ratio: float, criterion: str = "ga
     return masks
 
 
-class ChannelSlimming(pl.Callback):
+class Slimming(pl.Callback):
     """Slim the network at the start of each epoch in ``at_epochs`` (``max_epochs`` = after training).
 
     Args:
@@ -96,7 +96,7 @@ class ChannelSlimming(pl.Callback):
         self.history: list[dict[str, Any]] = []
 
     def check_combination(self, others: list) -> None:
-        if any(isinstance(o, ChannelSlimming) for o in others):
+        if any(isinstance(o, Slimming) for o in others):
             raise ValueError(f"`{KEY}` appears twice in `compression`; list several at_epochs instead")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

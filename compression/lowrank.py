@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.serialization import register_module_builder
+from netcompress.models.serialization import register_module_builder
 
 
 def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:

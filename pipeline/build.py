@@ -1,0 +1,92 @@
+"""Build a run from its config: datamodule, network (fresh, or ``init_from``), module, callbacks,
+loggers and trainer, with every check that can fail run first (before any data is read or trained).
+
+The one place that turns config into objects; run.py and protocols/ both build through it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+from netcompress.lightning_modules.checkpoint_io import SavedNet, build_net, check_same_model, read_saved_net
+from netcompress.pipeline.config_checks import check_config
+from netcompress.pipeline.entries import reshaping_entries
+
+
+def instantiate(config: DictConfig, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, re-raising our own clear input errors instead of Hydra's wrapper."""
+    try:
+        return hydra.utils.instantiate(config, **kwargs)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, (ValueError, TypeError, FileNotFoundError)):
+            raise exc.__cause__ from None
+        raise
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Objects of a dict-of-configs group (callbacks, loggers), in config order."""
+    if not group:
+        return []
+    return [instantiate(entry) for entry in group.values() if entry and "_target_" in entry]
+
+
+def check_callback_combination(callbacks: list[pl.Callback]) -> None:
+    """Let each callback reject the others it cannot work with (before any training)."""
+    for callback in callbacks:
+        check = getattr(callback, "check_combination", None)
+        if check is not None:
+            check([other for other in callbacks if other is not callback])
+
+
+def model_kwargs(cfg: DictConfig) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+            if k not in ("_target_", "name", "pretrained")}
+
+
+def initial_weights(net, saved: SavedNet | str, spec: dict | None = None):
+    """The network of ``init_from`` (a run's .ckpt or model.pt, thinned or not) in place of a fresh init.
+
+    Refused when it holds another model than the config's (``spec``): another model.name, width or
+    class count would be trained while the config and results.json name the configured one.
+    """
+    if not isinstance(saved, SavedNet):
+        saved = read_saved_net(saved, key="init_from")
+    loaded = build_net(saved)
+    expected = net.get_classifier().out_features
+    got = loaded.get_classifier().out_features
+    if got != expected:
+        raise ValueError(f"init_from={str(saved.path)!r} has {got} classes but the data has {expected}; "
+                         "point init_from at a run on the same data set")
+    if spec is not None:
+        check_same_model(saved, net, spec, thinned_by=None)
+    return loaded.train()
+
+
+def build(cfg: DictConfig):
+    """Datamodule, module, callbacks and trainer from config; every check that can fail runs here."""
+    check_config(cfg)  # every value, key and _target_ argument, before any data is read
+    pl.seed_everything(cfg.seed, workers=True)
+    resume = read_saved_net(cfg.ckpt_path, key="ckpt_path", mmap=True) if cfg.ckpt_path else None
+    init = read_saved_net(cfg.init_from, key="init_from") if cfg.get("init_from") else None
+    datamodule = instantiate(cfg.data)
+    net = instantiate(cfg.model, num_classes=datamodule.num_classes)
+    spec = {"model_name": cfg.model.name, "num_classes": datamodule.num_classes, "model_kwargs": model_kwargs(cfg)}
+    if resume is not None:  # the checkpoint's network is this config's model (thinned only by its compression)
+        thinned_by = reshaping_entries(cfg.get("callbacks")) + (["protocol"] if cfg.get("protocol") else [])
+        check_same_model(resume, net, spec, thinned_by=thinned_by)
+    if init is not None:
+        net = initial_weights(net, init, spec)
+    module = instantiate(
+        cfg.module, net=net, net_spec=spec,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+    )
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    check_callback_combination(callbacks)
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return datamodule, module, trainer
