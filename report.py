@@ -9,18 +9,25 @@ band, the unpruned dense nets as a dashed line) and ``acc_vs_flops.png`` (the sa
 the FLOPs of one forward pass, counting only unpruned weights). Failed or killed jobs (a job
 folder without ``results.json``) are listed in the report, never dropped silently. The std is
 the sample standard deviation (n - 1), blank for n = 1. The layout follows the figures of
-Frankle & Carbin 2019 and Liu et al. 2019.
+Frankle & Carbin 2019 and Liu et al. 2019. ``ReportOnMultirun`` (a Hydra callback that
+conf/hydra/default.yaml enables) writes the same report into the sweep folder when a multirun ends.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import logging
 import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
 OUTPUTS = ("report.md", "report.csv", "acc_vs_remaining.png", "acc_vs_flops.png")
@@ -108,6 +115,37 @@ def _stats(values: list[float]) -> tuple[float, float | None]:
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def ci95(std: float | None, n: int) -> float | None:
+    """Half-width of the 95% confidence interval of a mean of n runs (Student t, n - 1 dof)."""
+    if std is None or n < 2:
+        return None
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+
+
+def paired_differences(rows: list[dict]) -> list[dict]:
+    """Per (sparsity, method A, method B): the per-seed differences acc1(A) - acc1(B) over the seeds
+    both ran (a paired design: seed noise common to both cancels), mean, std and 95% CI."""
+    by_cell: dict[tuple, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
+    for row in rows:
+        if row["method"] != "dense":
+            by_cell[(round(row["sparsity"], 4), row["lr"])][row["label"]][row["seed"]] = float(row["acc1"])
+    pairs = []
+    for (sparsity, _), methods in sorted(by_cell.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        labels = sorted(methods)
+        for i, a in enumerate(labels):
+            for b in labels[i + 1:]:
+                seeds = sorted(set(methods[a]) & set(methods[b]), key=str)
+                if len(seeds) < 2:
+                    continue
+                diffs = [methods[a][s] - methods[b][s] for s in seeds]
+                mean, std = _stats(diffs)
+                pairs.append({"sparsity": sparsity, "a": a, "b": b, "n": len(seeds), "diff_mean": mean,
+                              "diff_std": std, "diff_ci95": ci95(std, len(seeds))})
+    return pairs
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
     """One line per (label, sparsity): n, mean/std of test acc1, mean remaining fraction and FLOPs.
 
@@ -135,7 +173,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for (label, sparsity), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         mean, std = _stats([float(m["acc1"]) for m in members])
         table.append({"label": label, "sparsity": sparsity, "remaining": 1.0 - sparsity, "n": len(members),
-                      "acc1_mean": mean, "acc1_std": std, "flops_mean": _mean_of(members, "flops"),
+                      "acc1_mean": mean, "acc1_std": std, "acc1_ci95": ci95(std, len(members)),
+                      "flops_mean": _mean_of(members, "flops"),
                       "params_fraction": _mean_of(members, "params_fraction"),
                       "flops_fraction": _mean_of(members, "flops_fraction")})
     return table
@@ -147,6 +186,10 @@ def _mean_of(members: list[dict], key: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def pct(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
@@ -155,21 +198,24 @@ def write_csv(table: list[dict], path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "pruned_layer_sparsity", "pruned_layer_remaining", "params_fraction",
-                         "flops_fraction", "n", "test_acc1_mean", "test_acc1_std", "flops_mean"])
+                         "flops_fraction", "n", "test_acc1_mean", "test_acc1_std", "test_acc1_ci95", "flops_mean"])
         for t in table:
             writer.writerow([t["label"], f"{t['sparsity']:.4f}", f"{t['remaining']:.4f}",
                              _fmt(t["params_fraction"], ".4f"), _fmt(t["flops_fraction"], ".4f"), t["n"],
-                             f"{t['acc1_mean']:.6f}", _fmt(t["acc1_std"], ".6f"), _fmt(t["flops_mean"], ".0f")])
+                             f"{t['acc1_mean']:.6f}", _fmt(t["acc1_std"], ".6f"), _fmt(t["acc1_ci95"], ".6f"),
+                             _fmt(t["flops_mean"], ".0f")])
 
 
-def write_markdown(table: list[dict], failed: list[dict], path: Path, title: str, root: Path) -> None:
+def write_markdown(table: list[dict], failed: list[dict], path: Path, title: str, root: Path,
+                   pairs: list[dict] = ()) -> None:
     lines = [f"# {title}", "", f"Sweep folder: `{root}`; regenerate with `python report.py {root}`.", "",
-             "Test top-1 accuracy (%), mean +- sample std over seeds (n runs). *Pruned layers*: the kept "
+             "Test top-1 accuracy (%), mean +- sample std over seeds (n runs), and the half-width of its 95% "
+             "confidence interval (Student t). *Pruned layers*: the kept "
              "fraction of the pruned layers' weights (unstructured) or filters/channels (structured); "
              "*params* and *FLOPs*: the whole net's non-zero parameters and FLOPs as a fraction of its dense "
              "parent (blank where the run records no parent).", "",
              "| method | pruned layers remaining | params (whole net) | FLOPs (whole net) | n | test acc1 (%) "
-             "| FLOPs (M) |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| 95% CI | FLOPs (M) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for t in table:
         std = f" +- {100 * t['acc1_std']:.2f}" if t["acc1_std"] is not None else ""
         flops = _fmt(t["flops_mean"] / 1e6 if t["flops_mean"] else None, ".2f")
@@ -177,7 +223,16 @@ def write_markdown(table: list[dict], failed: list[dict], path: Path, title: str
         flops_fraction = _fmt(100 * t["flops_fraction"] if t["flops_fraction"] is not None else None, ".1f")
         lines.append(f"| {t['label']} | {100 * t['remaining']:.1f}% | {params_fraction + '%' if params_fraction else ''} "
                      f"| {flops_fraction + '%' if flops_fraction else ''} | {t['n']} "
-                     f"| {100 * t['acc1_mean']:.2f}{std} | {flops} |")
+                     f"| {100 * t['acc1_mean']:.2f}{std} | {_fmt(pct(t['acc1_ci95']), '.2f')} | {flops} |")
+    if pairs:
+        lines += ["", "Paired differences (same seeds, same sparsity): acc1(A) - acc1(B) in points, mean +- std "
+                  "and 95% CI; an interval that contains 0 is no evidence of a difference.", "",
+                  "| pruned layers remaining | A | B | n | A - B | 95% CI |", "|---:|---|---|---:|---:|---:|"]
+        for d in pairs:
+            std = f" +- {100 * d['diff_std']:.2f}" if d["diff_std"] is not None else ""
+            lo, hi = d["diff_mean"] - (d["diff_ci95"] or 0.0), d["diff_mean"] + (d["diff_ci95"] or 0.0)
+            lines.append(f"| {100 * (1 - d['sparsity']):.1f}% | {d['a']} | {d['b']} | {d['n']} "
+                         f"| {100 * d['diff_mean']:+.2f}{std} | [{100 * lo:+.2f}, {100 * hi:+.2f}] |")
     lines += ["", f"Failed jobs: {len(failed)}"]
     lines += [f"- `{f['dir']}`: {f['error'].splitlines()[0] if f['error'] else ''}" for f in failed]
     path.write_text("\n".join(lines) + "\n")
@@ -238,11 +293,30 @@ def make_report(root: str | Path, out: str | Path | None = None, title: str | No
     title = title or f"Pruning report: {root.name}"
     table = aggregate(rows)
     paths = [out / name for name in OUTPUTS]
-    write_markdown(table, failed, paths[0], title, root)
+    write_markdown(table, failed, paths[0], title, root, paired_differences(rows))
     write_csv(table, paths[1])
     _plot(table, "remaining", "weights remaining (%) of the pruned layers, log scale", paths[2], title, invert=True)
     _plot(table, "flops_mean", "MFLOPs per image (unpruned weights only), log scale", paths[3], title, invert=True)
     return paths
+
+
+class ReportOnMultirun(Callback):
+    """``on_multirun_end``: ``report.make_report(<sweep dir>)``; a report failure is logged, not raised
+    (the sweep's results.json files are the record; the report can be rerun with ``python report.py``)."""
+
+    def __init__(self, title: str | None = None) -> None:
+        if title is not None and not isinstance(title, str):
+            raise ValueError(f"`hydra.callbacks.report.title` must be a string or null; got {title!r}")
+        self.title = title
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            written = make_report(sweep_dir, title=self.title)
+            log.info("report written: %s", ", ".join(str(p) for p in written))
+        except Exception as exc:  # noqa: BLE001 - the sweep itself succeeded
+            log.error("report.py failed on %s: %s: %s (rerun: python report.py %s)", sweep_dir,
+                      type(exc).__name__, exc, sweep_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

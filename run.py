@@ -137,8 +137,13 @@ def main(cfg: DictConfig) -> float | None:
     return float(value) if value is not None else None
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python run.py ...`` and the installed ``netcompress ...`` command: pre-flight, then Hydra."""
     from netcompress.pipeline.preflight import preflight_or_exit
 
     preflight_or_exit(sys.argv[1:])  # command-line mistakes: one line on stderr, exit 2, before Hydra
     main()
+
+
+if __name__ == "__main__":
+    cli()

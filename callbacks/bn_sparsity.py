@@ -16,20 +16,10 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from netcompress.compression.layer_selection import select_layers
+from netcompress.compression.batchnorm import batchnorm_layers
+from netcompress.lightning_modules.contract import require_contract
 
 KEY = "callbacks.bn_sparsity"
-BN_TYPES: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def batchnorm_layers(net: nn.Module, include: Sequence[str], exclude: Sequence[str], key: str) -> dict[str, nn.Module]:
-    """Affine BatchNorm layers matching the patterns; a clear error if the model has none."""
-    if not any(isinstance(m, BN_TYPES) and m.affine for m in net.modules()):
-        raise ValueError(f"`{key}`: {type(net).__name__} has no BatchNorm layer with a learnable scale; "
-                         "network slimming ranks channels by BN gamma (use a BN model such as vgg19_bn_cifar "
-                         "or resnet56_cifar, or magnitude_pruning with granularity=structured)")
-    layers = select_layers(net, include, exclude, skip_first_last=False, types=BN_TYPES, key=key)
-    return {n: m for n, m in layers.items() if m.affine}
 
 
 class BNSparsity(pl.Callback):
@@ -42,6 +32,8 @@ class BNSparsity(pl.Callback):
             runs without it, as in the paper); null = the whole run.
         log_histogram: log the |gamma| histogram to wandb/TensorBoard at each epoch end.
     """
+
+    CAPABILITIES = frozenset({"single"})  # rules: pipeline/combinations.py
 
     def __init__(self, lam: float = 1e-4, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
                  until_epoch: int | None = None, log_histogram: bool = True) -> None:
@@ -60,11 +52,8 @@ class BNSparsity(pl.Callback):
         self._net: nn.Module | None = None
         self._gammas: list[torch.Tensor] = []
 
-    def check_combination(self, others: list) -> None:
-        if any(isinstance(o, BNSparsity) for o in others):
-            raise ValueError(f"`{KEY}` appears twice in `compression`; use one entry")
-
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        require_contract(pl_module, type(self).__name__)
         if stage == "fit":
             self._collect(pl_module.net)  # a model without BN fails here, before training
 

@@ -26,19 +26,14 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from netcompress.compression.checks import check_int
 from netcompress.compression.huffman import layer_storage_bits
-from netcompress.compression.kmeans import check_bits, cluster_weight
+from netcompress.compression.kmeans import cluster_weight
 from netcompress.compression.layer_selection import select_layers
+from netcompress.lightning_modules.contract import require_contract
 
 KEY = "callbacks.cluster"
 GRADIENTS = ("sum", "mean")
-
-
-def _check_int(value: Any, key: str, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"in {low}..{high}" if high is not None else f">= {low}"
-        raise ValueError(f"`{key}` must be an int {bound}; got {value!r}")
-    return value
 
 
 def _patterns(value: Any, key: str) -> list[str]:
@@ -51,20 +46,6 @@ def _compact(labels: torch.Tensor, k: int) -> torch.Tensor:
     """Labels (values 0..k) in the smallest integer dtype, for the checkpoint."""
     dtype = torch.uint8 if k <= 255 else torch.int16 if k <= 32767 else torch.int32
     return labels.to(dtype).cpu()
-
-
-def _last_pruning_epoch(other: pl.Callback) -> int | None:
-    """Epoch of the last event of a magnitude-pruning entry with an epoch schedule (None otherwise)."""
-    if type(other).__name__ != "MagnitudePruning" or getattr(other, "unit", None) != "epoch":
-        return None
-    kind, start = getattr(other, "schedule_kind", None), getattr(other, "start", 0)
-    if kind == "oneshot":
-        return start
-    if kind == "iterative":
-        return start + other.every * (other.times - 1)
-    if kind == "agp":
-        return other.end
-    return None
 
 
 class Cluster(pl.Callback):
@@ -83,26 +64,29 @@ class Cluster(pl.Callback):
             (Han et al.: 8 and 5); only used for layers with zeros.
     """
 
+    # rules: pipeline/combinations.py (an entry that edits weights must be done before at_epoch)
+    CAPABILITIES = frozenset({"single", "clusters_weights"})
+
     def __init__(self, bits: int = 5, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
                  skip_first_last: bool = True, at_epoch: int = 0, gradient: str = "sum",
                  lr: float | None = None, max_iter: int = 100, gap_bits_conv: int = 8, gap_bits_fc: int = 5) -> None:
         super().__init__()
-        self.bits = check_bits(bits, f"{KEY}.bits")
+        self.bits = check_int(bits, f"{KEY}.bits", 1, 16, "(2**bits shared values per layer)")
         self.include = _patterns(include, f"{KEY}.include")
         self.exclude = _patterns(exclude, f"{KEY}.exclude")
         if not isinstance(skip_first_last, bool):
             raise ValueError(f"`{KEY}.skip_first_last` must be true or false; got {skip_first_last!r}")
         self.skip_first_last = skip_first_last
-        self.at_epoch = _check_int(at_epoch, f"{KEY}.at_epoch", 0)
+        self.at_epoch = check_int(at_epoch, f"{KEY}.at_epoch", 0)
         if gradient not in GRADIENTS:
             raise ValueError(f"`{KEY}.gradient` must be one of {', '.join(GRADIENTS)}; got {gradient!r}")
         self.gradient = gradient
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
             raise ValueError(f"`{KEY}.lr` must be a positive number or null; got {lr!r}")
         self.lr = None if lr is None else float(lr)
-        self.max_iter = _check_int(max_iter, f"{KEY}.max_iter", 1)
-        self.gap_bits_conv = _check_int(gap_bits_conv, f"{KEY}.gap_bits_conv", 1, 16)
-        self.gap_bits_fc = _check_int(gap_bits_fc, f"{KEY}.gap_bits_fc", 1, 16)
+        self.max_iter = check_int(max_iter, f"{KEY}.max_iter", 1)
+        self.gap_bits_conv = check_int(gap_bits_conv, f"{KEY}.gap_bits_conv", 1, 16)
+        self.gap_bits_fc = check_int(gap_bits_fc, f"{KEY}.gap_bits_fc", 1, 16)
         self.k = 2 ** self.bits
         self._labels: dict[str, torch.Tensor] = {}  # layer name -> assignment (k = pruned), weight-shaped
         self._layers: dict[str, nn.Module] = {}
@@ -110,27 +94,11 @@ class Cluster(pl.Callback):
         self._flat: dict[str, torch.Tensor] = {}  # flattened labels on the layer's device
 
     # ----- checks ------------------------------------------------------------------------------
-    def check_combination(self, others: list[pl.Callback]) -> None:
-        from netcompress.callbacks.lowrank import LowRank
-
-        for other in others:
-            if isinstance(other, Cluster):
-                raise ValueError("compression lists `cluster` twice; one clustering callback per run")
-            if isinstance(other, LowRank) and other.at_epoch > 0 and other.at_epoch >= self.at_epoch:
-                raise ValueError(
-                    f"`callbacks.lowrank.at_epoch` ({other.at_epoch}) must be 0 or before "
-                    f"`{KEY}.at_epoch` ({self.at_epoch}): decomposing clustered layers would undo the clustering")
-            last = _last_pruning_epoch(other)
-            if last is not None and last >= self.at_epoch:
-                raise ValueError(
-                    f"pruning must end before clustering (Han et al.: prune, retrain, then cluster): the last "
-                    f"pruning event of `callbacks.magnitude_pruning` is at epoch {last}, so set "
-                    f"`{KEY}.at_epoch` to {last + 1} or more; got {self.at_epoch}")
-
     def _select(self, net: nn.Module) -> dict[str, nn.Module]:
         return select_layers(net, self.include, self.exclude, self.skip_first_last, key=KEY)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        require_contract(pl_module, type(self).__name__)
         if stage == "fit":
             self._select(pl_module.net)  # a pattern that matches no layer fails here, before training
 

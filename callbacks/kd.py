@@ -28,24 +28,21 @@ from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
+from netcompress.compression.checks import plain
 from netcompress.compression.distillation_losses import (attention_loss, fitnets_loss, kd_loss, make_adapter,
                                              teacher_probabilities)
 from netcompress.compression.layer_selection import select_layers
 from netcompress.compression.teachers import INITIAL, check_sources, kind_of, load_teacher
+from netcompress.lightning_modules.contract import require_contract
 
 KEY = "callbacks.kd"  # where conf/compression/kd.yaml lands (# @package callbacks)
 FEATURE_LOSSES = ("fitnets", "attention")
 # RepDistiller's weights (beta) of the feature terms: FitNets 100, attention transfer 1000.
 DEFAULT_FEATURE_WEIGHT = {"fitnets": 100.0, "attention": 1000.0}
 ADAPTERS = "kd_adapters"
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def _number(value: Any, key: str, low: float, high: float | None, low_open: bool, what: str) -> float:
@@ -58,7 +55,7 @@ def _number(value: Any, key: str, low: float, high: float | None, low_open: bool
 
 
 def _names(value: Any, key: str) -> list[str]:
-    value = _plain(value)
+    value = plain(value)
     if value is None:
         return []
     if isinstance(value, str):
@@ -131,13 +128,16 @@ class KD(pl.Callback):
         feature_weight: weight of the feature term; null = RepDistiller's (fitnets 100, attention 1000).
     """
 
+    # one loss term named "kd" (an ensemble is several teachers); rules: pipeline/combinations.py
+    CAPABILITIES = frozenset({"single"})
+
     def __init__(self, teachers: Any, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9,
                  pretrained: bool = True, teacher_kwargs: dict | None = None, feature_loss: str | None = None,
                  student_layers: Any = None, teacher_layers: Any = None,
                  feature_weight: float | None = None, alpha: Any = None) -> None:
         super().__init__()
         reject_alpha(alpha)
-        self.sources = check_sources(_plain(teachers), f"{KEY}.teachers")
+        self.sources = check_sources(plain(teachers), f"{KEY}.teachers")
         self.temperature = _number(temperature, f"{KEY}.temperature", 0.0, None, True, "a number > 0 (e.g. 4)")
         self.ce_weight = _number(ce_weight, f"{KEY}.ce_weight", 0.0, 1.0, False,
                                  "in [0, 1] (the weight of the cross-entropy with the labels, e.g. 0.1)")
@@ -146,7 +146,7 @@ class KD(pl.Callback):
         if not isinstance(pretrained, bool):
             raise ValueError(f"`{KEY}.pretrained` must be true or false; got {pretrained!r}")
         self.pretrained = pretrained
-        teacher_kwargs = _plain(teacher_kwargs) or {}
+        teacher_kwargs = plain(teacher_kwargs) or {}
         if not isinstance(teacher_kwargs, dict):
             raise ValueError(f"`{KEY}.teacher_kwargs` must be a mapping of create_model arguments; got {teacher_kwargs!r}")
         self.teacher_kwargs = teacher_kwargs
@@ -187,11 +187,6 @@ class KD(pl.Callback):
         self._cache: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None = None
 
     # ----- checks before training -----------------------------------------------------------
-    def check_combination(self, others: list[pl.Callback]) -> None:
-        if any(isinstance(other, KD) for other in others):
-            raise ValueError(f"{KEY}: only one KD callback per run; list several teachers "
-                             f"in {KEY}.teachers for an ensemble")
-
     def _describe(self, source: str) -> str:
         kind = kind_of(source)
         if kind == "path":
@@ -202,6 +197,7 @@ class KD(pl.Callback):
 
     # ----- surgery: teachers, loss terms, adapters --------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        require_contract(pl_module, type(self).__name__)
         if stage != "fit":
             return
         student = pl_module.net
@@ -210,6 +206,8 @@ class KD(pl.Callback):
         self.teachers = [load_teacher(s, student, self.pretrained, self.teacher_kwargs, f"{KEY}.teachers")
                          for s in self.sources]
         self.described = [self._describe(s) for s in self.sources]
+        if hasattr(pl_module, "set_parent"):  # the (first) teacher is the dense parent evaluators compare with
+            pl_module.set_parent(self.teachers[0], source=f"kd:{self.described[0]}")
         pl_module.set_task_loss_weight(self.ce_weight)
         pl_module.remove_loss_term("kd")
         pl_module.add_loss_term("kd", self._kd_term, weight=self.kd_weight)

@@ -1,5 +1,5 @@
 """Low-rank decomposition by truncated SVD, then fine-tuning (Denton et al. 2014; Zhang et al. 2016;
-the factorisation is in ``compression/low_rank.py``).
+the factorisation is in ``compression/lowrank.py``).
 
 At the start of epoch ``at_epoch`` every selected Linear becomes Linear(in, r) -> Linear(r, out)
 and every selected Conv2d a kxk conv to r channels followed by a 1x1 conv, with r fixed
@@ -15,9 +15,10 @@ from typing import Any, Sequence
 import pytorch_lightning as pl
 from torch import nn
 
-from netcompress.compression import lowrank as low_rank
+from netcompress.compression import lowrank
 from netcompress.compression.layer_selection import select_layers
 from netcompress.evaluation.model_stats import count_flops, count_parameters
+from netcompress.lightning_modules.contract import require_contract
 
 KEY = "callbacks.lowrank"
 
@@ -36,6 +37,8 @@ class LowRank(pl.Callback):
         lr: learning rate of the fine-tuning phase (null = the optimizer's); only with at_epoch > 0,
             at epoch 0 set ``optimizer.lr``.
     """
+
+    CAPABILITIES = frozenset({"single", "reshapes_net", "edits_weights"})  # rules: pipeline/combinations.py
 
     def __init__(self, rank: int | None = None, energy: float | None = 0.9, include: Sequence[str] = ("*",),
                  exclude: Sequence[str] = (), skip_first_last: bool = True, at_epoch: int = 0,
@@ -70,25 +73,18 @@ class LowRank(pl.Callback):
         self.lr = None if lr is None else float(lr)
         self.report: dict[str, Any] = {}  # empty until decomposed; saved for resume
 
-    def check_combination(self, others: list[pl.Callback]) -> None:
-        from netcompress.callbacks.magnitude_pruning import MagnitudePruning
-
-        if any(isinstance(other, LowRank) for other in others):
-            raise ValueError("compression lists `lowrank` twice; one low-rank callback per run")
-        if any(isinstance(other, MagnitudePruning) for other in others):
-            raise ValueError(
-                "compression lists both `lowrank` and `magnitude_pruning`, which cannot run in one fit: lowrank "
-                "replaces each selected Conv2d/Linear by a pair of factor layers (LowRankConv2d/LowRankLinear), so "
-                "the pruning masks would point at layers that no longer exist (and factorising a pruned layer "
-                "fills its zeros). Use two runs: `compression=[lowrank]`, then `compression=[magnitude_pruning] "
-                "init_from=<that run>/model.pt` to prune the factor layers (or the reverse order to factorise a "
-                "pruned net, whose zeros are then not kept)")
+    @property
+    def last_edit_epoch(self) -> int | None:
+        """The epoch of the decomposition (capability ``edits_weights``); None at epoch 0, which happens in
+        ``on_train_start``, before any epoch starts."""
+        return self.at_epoch or None
 
     def _select(self, net: nn.Module) -> dict[str, nn.Module]:
         layers = select_layers(net, self.include, self.exclude, self.skip_first_last, key=KEY)
-        return {name: layer for name, layer in layers.items() if low_rank.decomposable(layer)}
+        return {name: layer for name, layer in layers.items() if lowrank.decomposable(layer)}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        require_contract(pl_module, type(self).__name__)
         if stage == "fit" and not self._select(pl_module.net):
             raise ValueError(f"{KEY}: the selected layers are all grouped convolutions, which are not decomposed")
 
@@ -117,11 +113,11 @@ class LowRank(pl.Callback):
         flops_before = count_flops(net, input_size) if input_size else None
         ranks, skipped = {}, []
         for name, layer in self._select(net).items():
-            rank = low_rank.choose_rank(layer, self.rank, self.energy)
-            if low_rank.params_of(layer, rank) >= low_rank.params_of(layer):
+            rank = lowrank.choose_rank(layer, self.rank, self.energy)
+            if lowrank.params_of(layer, rank) >= lowrank.params_of(layer):
                 skipped.append(name)  # factorising would not save parameters
                 continue
-            low_rank.set_submodule(net, name, low_rank.decompose(layer, rank))
+            lowrank.set_submodule(net, name, lowrank.decompose(layer, rank))
             ranks[name] = rank
         pl_module.replace_net(net, {"lr": self.lr} if self.lr is not None else None)
         self.report = {

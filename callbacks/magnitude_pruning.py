@@ -2,9 +2,10 @@
 
 Unstructured: the smallest |w| (or w^2) weights (Han et al. 2015, "Learning both Weights and
 Connections"); structured: the output filters of smallest L1/L2 norm (Li et al. 2017, "Pruning
-Filters for Efficient ConvNets"); gradual: Zhu & Gupta 2017 ("To prune, or not to prune") cubic
-schedule. Masks come from ``compression.masks`` (identical to ``torch.nn.utils.prune``), the
-schedule from ``compression.pruning_schedules`` (a pure function of ``global_step``).
+Filters for Efficient ConvNets"), or any criterion of the ``compression.importance`` registry;
+gradual: Zhu & Gupta 2017 ("To prune, or not to prune") cubic schedule. Masks come from
+``compression.masks`` (identical to ``torch.nn.utils.prune``), the schedule from
+``compression.pruning_schedules`` (a pure function of ``global_step``).
 
 Hot path: after every optimizer step one fused ``_foreach_mul_`` multiplies the pruned weights
 and their momentum / Adam buffers by pre-cast float masks kept on the device (no forward hooks,
@@ -15,36 +16,24 @@ checkpoint; the schedule position is derived from ``global_step``.
 from __future__ import annotations
 
 import math
-from fnmatch import fnmatchcase
 from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from netcompress.compression.layer_selection import first_and_last, select_layers
-from netcompress.compression.masks import (IMPORTANCES, SCOPES, check_choice, check_sparsity, enforce_masks_,
+from netcompress.compression.importance import check_applies, check_importance
+from netcompress.compression.layer_selection import first_and_last, first_match, select_layers, unmatched_patterns
+from netcompress.compression.masks import (SCOPES, check_choice, check_sparsity, enforce_masks_,
                                expand_filter_mask, sparsity_of, structured_masks, unstructured_masks)
+from netcompress.compression.checks import check_int
 from netcompress.compression.pruning_schedules import SCHEDULES, PruningSchedule
 from netcompress.compression.sparse_storage import storage_bytes
+from netcompress.lightning_modules.contract import require_contract
 
 GRANULARITIES = ("unstructured", "structured")
 UNITS = ("epoch", "step")
 KEY = "callbacks.magnitude_pruning"
-
-
-def _check_int(value: Any, key: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{key}` must be an int >= {minimum}; got {value!r}")
-    return value
-
-
-def example_input(trainer: "pl.Trainer", net: nn.Module) -> torch.Tensor:
-    """A one-image batch of the data's input size (for tracing the dependency graph)."""
-    from netcompress.models.factory import model_input_size
-
-    size = getattr(getattr(trainer, "datamodule", None), "input_size", None) or model_input_size(net)
-    return torch.zeros(1, *size, device=next(net.parameters()).device)
 
 
 class MagnitudePruning(pl.Callback):
@@ -53,7 +42,8 @@ class MagnitudePruning(pl.Callback):
     Args:
         sparsity: final fraction of pruned weights (unstructured) or filters (structured), in [0, 1).
         granularity: ``unstructured`` (single weights) or ``structured`` (whole output filters).
-        importance: ``l1`` (|w|, filter L1 norm) or ``l2`` (w^2, filter L2 norm).
+        importance: a criterion of the ``compression.importance`` registry: ``l1`` (|w|, filter L1
+            norm), ``l2`` (w^2, filter L2 norm), or any other registered for Conv2d/Linear weights.
         scope: ``global`` (one threshold over all selected layers) or ``layer`` (same fraction per layer).
         schedule: ``oneshot`` (at ``start``), ``iterative`` (``times`` prunings every ``every``, each
             removing the same fraction of what remains, reaching ``sparsity``) or ``agp`` (cubic from
@@ -69,6 +59,10 @@ class MagnitudePruning(pl.Callback):
             Needs scope=layer and schedule=oneshot.
     """
 
+    # rules: pipeline/combinations.py; remove_filters=true also makes the network thinner
+    CAPABILITIES = frozenset({"single", "masks_weights", "edits_weights"})
+    CAPABILITIES_IF = {"remove_filters": frozenset({"reshapes_net"})}
+
     def __init__(self, sparsity: float = 0.5, granularity: str = "unstructured", importance: str = "l1",
                  scope: str = "global", schedule: str = "oneshot", unit: str = "epoch", start: int = 0,
                  end: int | None = None, every: int = 1, times: int = 1, initial_sparsity: float = 0.0,
@@ -77,19 +71,19 @@ class MagnitudePruning(pl.Callback):
         super().__init__()
         self.sparsity = check_sparsity(sparsity, f"`{KEY}.sparsity`")
         self.granularity = check_choice(granularity, GRANULARITIES, f"`{KEY}.granularity`")
-        self.importance = check_choice(importance, IMPORTANCES, f"`{KEY}.importance`")
+        self.importance = check_importance(importance, f"`{KEY}.importance`")
         self.scope = check_choice(scope, SCOPES, f"`{KEY}.scope`")
         self.schedule_kind = check_choice(schedule, SCHEDULES, f"`{KEY}.schedule`")
         self.unit = check_choice(unit, UNITS, f"`{KEY}.unit`")
-        self.start = _check_int(start, f"{KEY}.start", 0)
-        self.every = _check_int(every, f"{KEY}.every", 1)
-        self.times = _check_int(times, f"{KEY}.times", 1)
+        self.start = check_int(start, f"{KEY}.start", 0)
+        self.every = check_int(every, f"{KEY}.every", 1)
+        self.times = check_int(times, f"{KEY}.times", 1)
         self.initial_sparsity = check_sparsity(initial_sparsity, f"`{KEY}.initial_sparsity`")
         if schedule == "agp":
             if end is None:
                 raise ValueError(f"`{KEY}.end` is required with schedule=agp (the {unit} where sparsity "
                                  f"reaches {self.sparsity}); got None")
-            self.end = _check_int(end, f"{KEY}.end", self.start + 1)
+            self.end = check_int(end, f"{KEY}.end", self.start + 1)
             if self.initial_sparsity > self.sparsity:
                 raise ValueError(f"`{KEY}.initial_sparsity` must be <= sparsity ({self.sparsity}); "
                                  f"got {initial_sparsity}")
@@ -120,36 +114,36 @@ class MagnitudePruning(pl.Callback):
         self._net: nn.Module | None = None
 
     # ----- checks and set-up ------------------------------------------------------------------
-    def check_combination(self, others: list) -> None:
-        for other in others:
-            if type(other).__name__ == "Slimming":
-                raise ValueError(f"`{KEY}` cannot be combined with slimming: slimming replaces the network "
-                                 "mid-training and the masks would point at removed layers")
-            if isinstance(other, MagnitudePruning):
-                raise ValueError(f"`{KEY}` appears twice in `compression`; use one entry")
+    @property
+    def last_edit_epoch(self) -> int | None:
+        """The epoch of the last pruning event (capability ``edits_weights``); None with unit=step."""
+        if self.unit != "epoch":
+            return None
+        if self.schedule_kind == "agp":
+            return self.end
+        return self.start + self.every * ((self.times if self.schedule_kind == "iterative" else 1) - 1)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        require_contract(pl_module, type(self).__name__)
         if stage != "fit":
             return
         net = pl_module.net
         self._net = net
         self._layers = select_layers(net, self.include, self.exclude, self.skip_first_last, key=KEY)
-        for pattern in self.layer_sparsity:
-            if not any(fnmatchcase(name, pattern) for name in self._layers):
-                raise ValueError(f"`{KEY}.layer_sparsity`: pattern '{pattern}' matches no selected layer; "
-                                 f"selected: {', '.join(list(self._layers)[:12])}")
+        check_applies(self.importance, self._layers, f"`{KEY}.importance`")
+        for pattern in unmatched_patterns(self.layer_sparsity, self._layers):
+            raise ValueError(f"`{KEY}.layer_sparsity`: pattern '{pattern}' matches no selected layer; "
+                             f"selected: {', '.join(list(self._layers)[:12])}")
         if self.granularity == "structured":
             _, classifier = first_and_last(net)
             if classifier in self._layers:
                 raise ValueError(f"`{KEY}`: structured pruning would remove classes of the classifier "
                                  f"'{classifier}'; set skip_first_last=true or exclude it")
-            example = example_input(trainer, net)
+            from netcompress.compression.channel_removal import check_removable, example_input, following_norms
+
+            example = example_input(net, getattr(trainer.datamodule, "input_size", None))
             if self.remove_filters:
-                from netcompress.compression.channel_removal import check_removable
-
                 check_removable(net, list(self._layers), example, key=KEY, exact=True)
-            from netcompress.compression.channel_removal import following_norms
-
             self._norms = following_norms(net, [n for n, m in self._layers.items() if isinstance(m, nn.Conv2d)],
                                           example)
 
@@ -189,19 +183,15 @@ class MagnitudePruning(pl.Callback):
         self._schedule = self._build_schedule(trainer)
 
     # ----- the schedule --------------------------------------------------------------------------
-    def _weights(self) -> dict[str, torch.Tensor]:
-        return {name: module.weight for name, module in self._layers.items()}
-
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float, log: bool = True) -> None:
         make = unstructured_masks if self.granularity == "unstructured" else structured_masks
-        groups: dict[float, dict[str, torch.Tensor]] = {}  # layers sharing one target sparsity
-        for name, weight in self._weights().items():
-            pattern = next((p for p in self.layer_sparsity if fnmatchcase(name, p)), None)
-            groups.setdefault(target if pattern is None else self.layer_sparsity[pattern], {})[name] = weight
+        groups: dict[float, dict[str, nn.Module]] = {}  # layers sharing one target sparsity
+        for name, layer in self._layers.items():
+            groups.setdefault(first_match(name, self.layer_sparsity, target), {})[name] = layer
         masks = {}
-        for value, weights in groups.items():
-            masks.update(make(weights, value, scope=self.scope, importance=self.importance,
-                              previous={n: self.masks[n] for n in weights if n in self.masks} or None))
+        for value, layers in groups.items():
+            masks.update(make(layers, value, scope=self.scope, importance=self.importance,
+                              previous={n: self.masks[n] for n in layers if n in self.masks} or None))
         self.masks = {name: masks[name] for name in self._layers}
         self._prepare_masks(pl_module)
         enforce_masks_(self._params, self._float_masks, trainer.optimizers[0] if trainer.optimizers else None)
@@ -254,10 +244,11 @@ class MagnitudePruning(pl.Callback):
             return
         self._report(pl_module)
         if self.remove_filters:
-            from netcompress.compression.channel_removal import remove_channels
+            from netcompress.compression.channel_removal import example_input, remove_channels
 
             keep = {name: mask.cpu() for name, mask in self.masks.items() if isinstance(self._layers[name], nn.Conv2d)}
-            thin = remove_channels(pl_module.net, keep, example_input(trainer, pl_module.net).cpu())
+            example = example_input(pl_module.net, getattr(trainer.datamodule, "input_size", None)).cpu()
+            thin = remove_channels(pl_module.net, keep, example)
             pl_module.replace_net(thin)
             self._params, self._float_masks = [], []  # the thin net has no pruned filters left
             total = sum(p.numel() for p in thin.parameters())

@@ -14,20 +14,20 @@ from typing import Mapping, Sequence
 
 import pytorch_lightning as pl
 
-from netcompress.callbacks.qat import QuantizationBase
+from netcompress.callbacks._quantization_base import QuantizationBase
 from netcompress.compression import fake_quant as fq
 
 
 class PTQ(QuantizationBase):
     """Fake-quant layers stay inactive during fit; ``calibration_batches`` training batches set the ranges.
 
-    Args: as :class:`callbacks.qat.QAT` without the
-    schedule (``bits``, ``act_bits``, ``bits_by_pattern``, ``include``, ``exclude``,
-    ``skip_first_last``, ``observer``, ``ema_momentum``, ``export_int8``, ``calibration_batches``,
-    ``latency_repeats``). The same training batches calibrate the observers and onnxruntime.
+    Args: as :class:`netcompress.callbacks.qat.QAT` without the schedule (``bits``, ``act_bits``,
+    ``bits_by_pattern``, ``include``, ``exclude``, ``skip_first_last``, ``observer``, ``ema_momentum``,
+    ``export_int8``, ``calibration_batches``, ``latency_repeats``). The same training batches calibrate the observers and onnxruntime.
     """
 
     name = "ptq"
+    CAPABILITIES = QuantizationBase.CAPABILITIES | {"calibration_only"}  # rules: pipeline/combinations.py
 
     def __init__(self, bits: int = 8, act_bits: int | None = None, bits_by_pattern: Mapping[str, int] | None = None,
                  include: Sequence[str] = ("*",), exclude: Sequence[str] = (), skip_first_last: bool = True,

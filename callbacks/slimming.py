@@ -16,41 +16,29 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from netcompress.callbacks.bn_sparsity import batchnorm_layers
-from netcompress.callbacks.magnitude_pruning import example_input
-from netcompress.compression.channel_removal import check_removable, remove_channels
-from netcompress.compression.masks import check_choice, check_sparsity
+from netcompress.compression.batchnorm import batchnorm_layers
+from netcompress.compression.channel_removal import check_removable, example_input, remove_channels
+from netcompress.compression.importance import check_applies, check_importance, score
+from netcompress.compression.masks import check_sparsity, masks_from_scores
+from netcompress.lightning_modules.contract import require_contract
 
 KEY = "callbacks.slimming"
-CRITERIA = ("gamma", "running_var")
+# the criterion names this config took before the importance registry (still accepted)
+CRITERION_ALIASES = {"gamma": "bn_gamma", "running_var": "bn_variance"}
 
 
-def channel_scores(bn: nn.Module, criterion: str) -> torch.Tensor:
-    """Per-channel importance: |gamma| (the paper) or the BN running variance of the channel's input
-    (a channel whose pre-BN activation barely varies carries ~no information)."""
-    if criterion == "gamma":
-        return bn.weight.detach().abs().float().cpu()
-    return bn.running_var.detach().float().cpu()
-
-
-def slimming_masks(bns: dict[str, nn.Module], ratio: float, criterion: str = "gamma",
+def slimming_masks(bns: dict[str, nn.Module], ratio: float, criterion: str = "bn_gamma",
                    min_channels: int = 1) -> dict[str, torch.Tensor]:
-    """Bool keep-masks: the ``round(ratio * N)`` lowest-scoring channels over all layers are dropped
-    (one global threshold, ties by position), then each layer keeps at least ``min_channels``."""
-    scores = {name: channel_scores(bn, criterion) for name, bn in bns.items()}
-    flat = torch.cat(list(scores.values()))
-    n_prune = round(ratio * flat.numel())
-    keep_flat = torch.ones_like(flat, dtype=torch.bool)
-    if n_prune:
-        keep_flat[torch.topk(flat, n_prune, largest=False).indices] = False
-    masks, offset = {}, 0
-    for name, s in scores.items():
-        keep = keep_flat[offset:offset + s.numel()].clone()
-        offset += s.numel()
-        floor = min(min_channels, s.numel())
+    """Bool keep-masks: the ``round(ratio * N)`` channels of lowest ``criterion`` score (a name of
+    ``compression.importance``) over all layers are dropped (one global threshold, ties by
+    position), then each layer keeps at least ``min_channels``."""
+    criterion = check_importance(criterion, "criterion", CRITERION_ALIASES)
+    scores = {name: score(criterion, bn).float().cpu() for name, bn in bns.items()}
+    masks = masks_from_scores(scores, ratio, "global")
+    for name, keep in masks.items():
+        floor = min(min_channels, keep.numel())
         if int(keep.sum()) < floor:
-            keep[torch.topk(s, floor).indices] = True
-        masks[name] = keep
+            keep[torch.topk(scores[name], floor).indices] = True
     return masks
 
 
@@ -62,14 +50,18 @@ class Slimming(pl.Callback):
             for VGG-19 on CIFAR-10); a list gives one ratio per pass.
         at_epochs: epochs at whose start the network is slimmed; the remaining epochs fine-tune it.
             The paper's recipe: trainer.max_epochs=200, at_epochs=[160].
-        criterion: ``gamma`` (|BN scale|, the paper) or ``running_var`` (BN input variance).
+        criterion: per-channel importance from the ``compression.importance`` registry: ``bn_gamma``
+            (|BN scale|, the paper) or ``bn_variance`` (BN running variance); ``gamma`` and
+            ``running_var`` are accepted as their older names.
         min_channels: channels every BN layer keeps at least (so no layer empties).
         finetune_lr: learning rate of the rebuilt optimizer (null keeps the configured one).
         include/exclude: module-name patterns of the BatchNorm layers whose channels may go.
     """
 
+    CAPABILITIES = frozenset({"single", "reshapes_net", "edits_weights"})  # rules: pipeline/combinations.py
+
     def __init__(self, prune_ratio: float | Sequence[float] = 0.7, at_epochs: Sequence[int] = (160,),
-                 criterion: str = "gamma", min_channels: int = 1, finetune_lr: float | None = None,
+                 criterion: str = "bn_gamma", min_channels: int = 1, finetune_lr: float | None = None,
                  include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> None:
         super().__init__()
         if isinstance(at_epochs, int) or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1
@@ -82,7 +74,7 @@ class Slimming(pl.Callback):
             raise ValueError(f"`{KEY}.prune_ratio` must be one number or one per entry of at_epochs "
                              f"({len(self.at_epochs)}); got {prune_ratio!r}")
         self.prune_ratios = [check_sparsity(r, f"`{KEY}.prune_ratio`") for r in ratios]
-        self.criterion = check_choice(criterion, CRITERIA, f"`{KEY}.criterion`")
+        self.criterion = check_importance(criterion, f"`{KEY}.criterion`", CRITERION_ALIASES)
         if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
             raise ValueError(f"`{KEY}.min_channels` must be an int >= 1; got {min_channels!r}")
         self.min_channels = min_channels
@@ -95,15 +87,19 @@ class Slimming(pl.Callback):
         self.include, self.exclude = list(include), list(exclude)
         self.history: list[dict[str, Any]] = []
 
-    def check_combination(self, others: list) -> None:
-        if any(isinstance(o, Slimming) for o in others):
-            raise ValueError(f"`{KEY}` appears twice in `compression`; list several at_epochs instead")
+    @property
+    def last_edit_epoch(self) -> int:
+        """The epoch of the last slimming pass (capability ``edits_weights``)."""
+        return self.at_epochs[-1]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        require_contract(pl_module, type(self).__name__)
         if stage != "fit":
             return
         bns = batchnorm_layers(pl_module.net, self.include, self.exclude, KEY)
-        check_removable(pl_module.net, list(bns), example_input(trainer, pl_module.net), key=KEY)
+        check_applies(self.criterion, bns, f"`{KEY}.criterion`")
+        example = example_input(pl_module.net, getattr(trainer.datamodule, "input_size", None))
+        check_removable(pl_module.net, list(bns), example, key=KEY)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.world_size > 1:
@@ -122,7 +118,7 @@ class Slimming(pl.Callback):
         keep = slimming_masks(bns, ratio, self.criterion, self.min_channels)
         before = sum(p.numel() for p in net.parameters())
         channels_before = sum(m.numel() for m in keep.values())
-        thin = remove_channels(net, keep, example_input(trainer, net))
+        thin = remove_channels(net, keep, example_input(net, getattr(trainer.datamodule, "input_size", None)))
         channels_after = sum(m.num_features for m in batchnorm_layers(thin, self.include, self.exclude, KEY).values())
         overrides = {"lr": self.finetune_lr} if finetune and self.finetune_lr is not None else None
         pl_module.replace_net(thin, optimizer_overrides=overrides)

@@ -7,7 +7,10 @@ layer's input channels, residual partners, depthwise convs, concatenations) come
 torch-pruning's dependency graph (Fang et al. 2023, "DepGraph"), so the result is a smaller
 plain ``nn.Module`` with real speed, saved and reloaded by ``models.serialization``.
 
-API (two functions):
+API (three functions):
+
+* ``example_input(net, input_size=None)``: a one-image zero batch for tracing the graph (the
+  data's ``input_size``, else the model's own, ``models.factory.model_input_size``).
 
 * ``check_removable(net, layer_names, example_input)``: raise ``ValueError`` naming the first
   layer whose channels cannot be removed safely (attention heads / reshapes, the classifier's
@@ -39,6 +42,14 @@ _SAFE_OPS = {tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.BN, tp.ops.OPTYPE.LINEAR, tp.ops.
              tp.ops.OPTYPE.DEPTHWISE_CONV, tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT,
              tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.LN, tp.ops.OPTYPE.PARAMETER, tp.ops.OPTYPE.GN,
              tp.ops.OPTYPE.IN, tp.ops.OPTYPE.OUTPUT, tp.ops.OPTYPE.RESHAPE}
+
+
+def example_input(net: nn.Module, input_size: Iterable[int] | None = None) -> torch.Tensor:
+    """A one-image zero batch of ``input_size`` (C, H, W; None = the model's own) on ``net``'s device."""
+    from netcompress.models.factory import model_input_size
+
+    size = tuple(input_size) if input_size else model_input_size(net)
+    return torch.zeros(1, *size, device=next(net.parameters()).device)
 
 
 def _build_graph(net: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:

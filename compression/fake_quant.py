@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Iterator, Mapping
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +27,6 @@ from torch import nn
 
 OBSERVERS = ("minmax", "ema")
 EPS = torch.finfo(torch.float32).eps
-
-
-def check_bits(value, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 16:
-        raise ValueError(f"`{key}` must be an int in 2..16; got {value!r}")
-    return value
 
 
 def weight_qrange(bits: int) -> tuple[int, int]:
@@ -429,10 +423,3 @@ def nonfinite_ranges(net: nn.Module) -> dict[str, tuple[float, float]]:
     (a NaN poisons a min-max or EMA range for good), which is not the same as never observed."""
     ranges = {n: (float(m.act_min), float(m.act_max)) for n, m in _observers(net)}
     return {n: r for n, r in ranges.items() if not never_observed(*r) and not all(map(math.isfinite, r))}
-
-
-def layer_bits(names: list[str], default: int, by_pattern: Mapping[str, int]) -> dict[str, int]:
-    """Bits of each layer: the first matching pattern of ``by_pattern`` in order, else ``default``."""
-    from fnmatch import fnmatchcase
-
-    return {n: next((b for p, b in by_pattern.items() if fnmatchcase(n, p)), default) for n in names}

@@ -29,7 +29,8 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from functools import partial
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -333,15 +334,6 @@ def predict(sess, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def accuracy(sess, batches: Iterable) -> float:
-    """Sample-averaged top-1 accuracy of an onnxruntime classifier (what the module's ``test/acc1`` is)."""
-    correct = total = 0
-    for inputs, targets in batches:
-        correct += int((predict(sess, inputs).argmax(1) == targets.cpu()).sum())
-        total += int(targets.numel())
-    return correct / max(total, 1)
-
-
 def ort_runner(sess, input_size: tuple[int, ...], batch_size: int = 1) -> Callable[[], object]:
     """One onnxruntime forward pass of a fixed random batch per call (for ``interleaved_latency_ms``)."""
     feed = {"input": np.random.default_rng(0).standard_normal((batch_size, *input_size)).astype(np.float32)}
@@ -387,20 +379,13 @@ def calibration_batches(trainer, n: int) -> list[torch.Tensor]:
     return out
 
 
-def evaluate_int8(sess, qnet: nn.Module, loader: Iterable, device) -> tuple[float, float]:
-    """(sample-averaged top-1 of the int8 model, share of images where its top-1 equals the fake-quant net's)."""
-    correct = agree = total = 0
-    was_training = qnet.training
-    qnet.eval()
-    with torch.no_grad():
-        for inputs, targets in loader:
-            predicted = predict(sess, inputs).argmax(1)
-            fake = qnet(inputs.to(device)).argmax(1).cpu()
-            correct += int((predicted == targets.cpu()).sum())
-            agree += int((fake == predicted).sum())
-            total += int(targets.numel())
-    qnet.train(was_training)
-    return correct / max(total, 1), agree / max(total, 1)
+def evaluate_int8(sess, qnet: nn.Module, loader: Iterable, num_classes: int) -> dict[str, Any]:
+    """Test figures of the int8 model (``evaluation/metrics.py``: acc1 sample-averaged, acc5, acc1_macro,
+    per-class) plus ``agreement``: the share of images where its top-1 equals the fake-quant net's."""
+    from netcompress.evaluation.evaluate import evaluate
+    from netcompress.evaluation.metrics import Agreement, ClassificationMetrics
+
+    return evaluate(partial(predict, sess), loader, [ClassificationMetrics(num_classes), Agreement()], reference=qnet)
 
 
 def report_int8(trainer, pl_module, qnet: nn.Module, calibration: int, latency_repeats: int,
@@ -414,16 +399,18 @@ def report_int8(trainer, pl_module, qnet: nn.Module, calibration: int, latency_r
     input_size = tuple(datamodule.input_size)
     path = export_int8(qnet, Path(trainer.default_root_dir) / filename, input_size,
                        calibration_batches(trainer, calibration))
-    acc1, agreement = evaluate_int8(session(path), qnet, datamodule.test_dataloader(), pl_module.device)
+    tested = evaluate_int8(session(path), qnet, datamodule.test_dataloader(), int(datamodule.num_classes))
     plain = strip(qnet)  # the fp32 net of model.pt
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = export_fp32_onnx(plain, Path(tmp) / "fp32.onnx", input_size)
         timing = compare_latency(path, fp32_path, plain, input_size, latency_repeats)
-    figures = {"int8/test/acc1": acc1, "int8/agreement": agreement, **timing, "int8/size_bytes": path.stat().st_size}
+    figures = {"int8/test/acc1": tested["acc1"], "int8/test/acc5": tested["acc5"],
+               "int8/test/acc1_macro": tested["acc1_macro"], "int8/agreement": tested["agreement"],
+               **timing, "int8/size_bytes": path.stat().st_size}
     for key, value in figures.items():
         pl_module.report_result(key, value)
     return figures
 
 
-__all__ = ["fold_batchnorm", "export_fp32_onnx", "export_int8", "session", "predict", "accuracy", "ort_runner",
+__all__ = ["fold_batchnorm", "export_fp32_onnx", "export_int8", "session", "predict", "ort_runner",
            "compare_latency", "evaluate_int8", "report_int8", "calibration_batches", "module_outputs"]

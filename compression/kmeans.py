@@ -15,13 +15,6 @@ from __future__ import annotations
 import torch
 
 
-def check_bits(bits: object, key: str) -> int:
-    """``bits`` must be an int in 1..16 (2 to 65536 shared values)."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise ValueError(f"`{key}` must be an int in 1..16 (2**bits shared values per layer); got {bits!r}")
-    return bits
-
-
 def linear_init(values: torch.Tensor, k: int) -> torch.Tensor:
     """``k`` centroids evenly spaced over [min, max] of ``values`` (Han et al.'s linear init)."""
     low, high = values.min(), values.max()

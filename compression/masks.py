@@ -1,18 +1,20 @@
 """Magnitude pruning masks: unstructured (single weights) and structured (whole output filters).
 
-Importance is |w| (L1) or w^2 (L2) per weight, or the L1/L2 norm of each output filter for
-structured pruning (Li et al. 2017, "Pruning Filters for Efficient ConvNets"). Scope is one
+Importance comes from the registry in ``compression.importance`` by name: per weight (|w|, w^2, ...)
+or per output filter for structured pruning (filter L1/L2 norm, Li et al. 2017, "Pruning Filters
+for Efficient ConvNets"). ``masks_from_scores`` turns any scores into masks. Scope is one
 global threshold over all selected layers or the same fraction per layer. Sparsity is exact:
 ``round(sparsity * n)`` entries are pruned, the lowest scores first with ties broken by position,
 exactly as ``torch.nn.utils.prune`` does. Already-pruned entries stay pruned (masks only shrink).
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
-IMPORTANCES = ("l1", "l2")
+from netcompress.compression.importance import filter_scores, score
+
 SCOPES = ("global", "layer")
 
 
@@ -28,17 +30,6 @@ def check_choice(value: str, choices: tuple[str, ...], key: str) -> str:
     return value
 
 
-def weight_scores(weight: torch.Tensor, importance: str) -> torch.Tensor:
-    """Per-weight importance: |w| (l1) or w^2 (l2)."""
-    return weight.detach().abs() if importance == "l1" else weight.detach().pow(2)
-
-
-def filter_scores(weight: torch.Tensor, importance: str) -> torch.Tensor:
-    """Per-output-filter importance: L1 or L2 norm over everything but dim 0."""
-    flat = weight.detach().flatten(1)
-    return flat.abs().sum(1) if importance == "l1" else flat.pow(2).sum(1).sqrt()
-
-
 def _keep_mask(scores: torch.Tensor, n_prune: int, previous: torch.Tensor | None) -> torch.Tensor:
     """Bool mask keeping all but the ``n_prune`` lowest scores; previously pruned entries go first."""
     scores = scores.float().clone()
@@ -50,8 +41,12 @@ def _keep_mask(scores: torch.Tensor, n_prune: int, previous: torch.Tensor | None
     return keep
 
 
-def _masks_from_scores(scores: Mapping[str, torch.Tensor], sparsity: float, scope: str,
-                       previous: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+def masks_from_scores(scores: Mapping[str, torch.Tensor], sparsity: float, scope: str = "global",
+                      previous: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Bool keep-masks shaped like ``scores`` pruning the ``round(sparsity * n)`` lowest scores: over
+    all layers at once (scope=global) or in each layer (scope=layer); ``previous`` masks only shrink."""
+    check_sparsity(sparsity, "sparsity")
+    check_choice(scope, SCOPES, "scope")
     previous = previous or {}
     if scope == "layer":
         return {name: _keep_mask(s.flatten(), round(sparsity * s.numel()), _flat(previous.get(name))).view_as(s)
@@ -75,22 +70,23 @@ def _flat(mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if mask is None else mask.flatten().bool()
 
 
-def unstructured_masks(weights: Mapping[str, torch.Tensor], sparsity: float, scope: str = "global",
+def unstructured_masks(layers: Mapping[str, Any], sparsity: float, scope: str = "global",
                        importance: str = "l1", previous: Mapping[str, torch.Tensor] | None = None
                        ) -> dict[str, torch.Tensor]:
-    """Bool keep-masks (weight-shaped) pruning exactly ``round(sparsity * n)`` weights."""
-    check_sparsity(sparsity, "sparsity")
-    scores = {n: weight_scores(w, importance) for n, w in weights.items()}
-    return _masks_from_scores(scores, sparsity, scope, previous)
+    """Bool keep-masks (weight-shaped) pruning exactly ``round(sparsity * n)`` weights.
+
+    ``layers`` maps names to modules (or to bare weight tensors); ``importance`` names a criterion
+    of ``compression.importance``."""
+    scores = {n: score(importance, layer) for n, layer in layers.items()}
+    return masks_from_scores(scores, sparsity, scope, previous)
 
 
-def structured_masks(weights: Mapping[str, torch.Tensor], sparsity: float, scope: str = "layer",
+def structured_masks(layers: Mapping[str, Any], sparsity: float, scope: str = "layer",
                      importance: str = "l1", previous: Mapping[str, torch.Tensor] | None = None
                      ) -> dict[str, torch.Tensor]:
     """Bool keep-masks over output filters (shape ``[out_channels]``), at least one filter kept per layer."""
-    check_sparsity(sparsity, "sparsity")
-    scores = {n: filter_scores(w, importance) for n, w in weights.items()}
-    masks = _masks_from_scores(scores, sparsity, scope, previous)
+    scores = {n: filter_scores(importance, layer) for n, layer in layers.items()}
+    masks = masks_from_scores(scores, sparsity, scope, previous)
     for name, mask in masks.items():
         if not mask.any():  # never empty a layer: keep its strongest filter
             mask[scores[name].argmax()] = True

@@ -6,7 +6,7 @@ A teacher source is one string:
   run>/model.pt`` the dense parent teaches its own pruned or slimmed version, as in
   prune-then-distill);
 * a path to a ``.ckpt`` written by run.py or an exported ``model.pt`` (thinned nets included,
-  rebuilt by ``lightning_modules.checkpoint_io.load_net``);
+  rebuilt by ``models.serialization.load_net``);
 * a timm model name (``resnet56_cifar``, ``hf-hub:org/repo``), with its pretrained weights,
   which must be available offline.
 
@@ -104,7 +104,7 @@ def _timm_teacher(name: str, num_classes: int, pretrained: bool, kwargs: dict, k
 def load_teacher(source: str, student: nn.Module, pretrained: bool = True, timm_kwargs: dict | None = None,
                  key: str = "callbacks.kd.teachers") -> nn.Module:
     """The frozen teacher network of one source, on the CPU; its class count must equal the student's."""
-    from netcompress.lightning_modules.checkpoint_io import load_net
+    from netcompress.models.serialization import load_net
 
     student_classes = num_classes_of(student)
     kind = kind_of(source)

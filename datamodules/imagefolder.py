@@ -17,6 +17,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from netcompress.datamodules.checks import as_float_tuple, check_nonnegative_int, check_positive_int
+from netcompress.datamodules.eval_order import stratified_order
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -166,10 +167,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(SUBSET_SEED))
             train = Subset(train, order[:self.train_subset].sort().values.tolist())
         self.train_set = train
-        self.val_set = ImageFolder(str(self.val_dir), transform=self.eval_transform(), loader=load_rgb)
+        val = ImageFolder(str(self.val_dir), transform=self.eval_transform(), loader=load_rgb)
         same = self.test_dir == self.val_dir
-        self.test_set = self.val_set if same else ImageFolder(str(self.test_dir), transform=self.eval_transform(),
-                                                              loader=load_rgb)
+        test = val if same else ImageFolder(str(self.test_dir), transform=self.eval_transform(), loader=load_rgb)
+        # classes interleaved, so a limited val/test sees every class (eval_order.py)
+        self.val_set = Subset(val, stratified_order(torch.tensor(val.targets)).tolist())
+        self.test_set = self.val_set if same else Subset(test, stratified_order(torch.tensor(test.targets)).tolist())
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from netcompress.datamodules.checks import check_nonnegative_int, check_positive_int
+from netcompress.datamodules.eval_order import stratified_order
 from netcompress.datamodules.tensor_loader import AugmentedTensorLoader
 
 Split = tuple[Tensor, Tensor]  # uint8 images (N, C, H, W), int64 labels (N,)
@@ -45,6 +46,7 @@ class TensorDataModule(pl.LightningDataModule):
         self.train_size: int | None = None
         self.test_size: int | None = None
         self._splits: dict[str, Split] | None = None
+        self.eval_order: dict[str, Tensor] = {}
 
     def load_splits(self) -> dict[str, Split]:
         """Return CPU tensors for the splits 'train', 'val' and 'test'."""
@@ -61,7 +63,13 @@ class TensorDataModule(pl.LightningDataModule):
                 device = root_device
             self.rank, self.world_size = trainer.global_rank, trainer.world_size
         if self._splits is None:
-            self._splits = self.load_splits()
+            splits = self.load_splits()
+            # val/test served classes interleaved (eval_order.py); eval_order maps a served position to the
+            # image's index in the split as loaded
+            self.eval_order = {name: stratified_order(splits[name][1]) for name in ("val", "test")}
+            self._splits = {name: (split if name == "train" else
+                                   (split[0][self.eval_order[name]], split[1][self.eval_order[name]]))
+                            for name, split in splits.items()}
         self._splits = {name: self._to_device(split, device) for name, split in self._splits.items()}
         self.train_size, self.val_size, self.test_size = (len(self._splits[k][1]) for k in ("train", "val", "test"))
 
@@ -89,9 +97,9 @@ class TensorDataModule(pl.LightningDataModule):
         return loader
 
     def val_dataloader(self) -> AugmentedTensorLoader:
-        """Fixed order, no augmentation."""
+        """Fixed, class-interleaved order (eval_order.py), no augmentation."""
         return self._loader("val", train=False)
 
     def test_dataloader(self) -> AugmentedTensorLoader:
-        """Fixed order, no augmentation."""
+        """Fixed, class-interleaved order (eval_order.py), no augmentation."""
         return self._loader("test", train=False)

@@ -24,14 +24,29 @@ def _cpu_eval_copy(net: nn.Module) -> nn.Module:
     return copy.deepcopy(net).cpu().eval()
 
 
-def count_flops(net: nn.Module, input_size: tuple[int, int, int]) -> int:
-    """FLOPs of one image's forward pass (torch.utils.flop_counter: 2 per multiply-add)."""
+def _flop_counter(net: nn.Module, input_size: tuple[int, ...]) -> FlopCounterMode:
+    """A FlopCounterMode that has seen one image's forward pass of an eval copy of ``net`` on the CPU."""
     model = _cpu_eval_copy(net)
-    x = torch.zeros(1, *input_size)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(x)
-    return int(counter.get_total_flops())
+        model(torch.zeros(1, *input_size))
+    return counter
+
+
+def count_flops(net: nn.Module, input_size: tuple[int, int, int]) -> int:
+    """FLOPs of one image's forward pass (torch.utils.flop_counter: 2 per multiply-add)."""
+    return int(_flop_counter(net, input_size).get_total_flops())
+
+
+def layer_flops(net: nn.Module, input_size: tuple[int, int, int]) -> dict[str, int]:
+    """{module name: FLOPs of its forward pass for one image} of every submodule that does any (a
+    container counts its children's); the same counter as :func:`count_flops`, so a net's layers add up
+    to its total. Dense FLOPs: pruned (zero) weights are counted (see protocols/retrain_init.py's
+    ``effective_flops`` for the sparse count)."""
+    counts = _flop_counter(net, input_size).get_flop_counts()
+    root = type(net).__name__ + "."  # the counter names modules '<RootClass>.<name>'
+    return {name[len(root):]: int(sum(ops.values())) for name, ops in counts.items()
+            if name.startswith(root) and sum(ops.values())}
 
 
 def measure_latency_ms(net: nn.Module, input_size: tuple[int, int, int], batch_size: int = 1,

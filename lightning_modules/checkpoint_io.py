@@ -1,8 +1,7 @@
-"""Turn a checkpoint or exported model file back into a network, with clear errors for bad files.
+"""Is a saved network (``ckpt_path``, ``init_from``) the configured model? Clear errors if not.
 
-Files are read with ``torch.load(weights_only=True)`` only: a file that is not a netcompress
-model/checkpoint (a text file, a foreign pickle, one that names code to run) is refused with an
-error naming the config key, and its pickled code is never executed.
+Reading the files (``read_saved_net``, ``build_net``, ``load_net``: ``torch.load(weights_only=True)``
+only, errors naming the config key) is in ``models.serialization``.
 
 :func:`check_same_model` tells "the configured model, thinned by compression" (a slimmed run's
 checkpoint, resumed with its own config) from "another model" (another ``model.name``, width or
@@ -11,87 +10,13 @@ class count), which is refused with both architectures named.
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
-import torch
 from torch import nn
 
-from netcompress.lightning_modules.classification import CHECKPOINT_KEY
-from netcompress.models.serialization import FORMAT, architecture_of, reshape_to, why_unreadable
+from netcompress.models.serialization import SavedNet, architecture_of
 
 log = logging.getLogger(__name__)
-_HINT = "a model.pt or checkpoints/last.ckpt written by run.py"
-
-
-@dataclass
-class SavedNet:
-    """What a model.pt or run.py checkpoint says about its network."""
-
-    path: Path
-    key: str
-    spec: dict = field(default_factory=dict)   # model_name, num_classes, model_kwargs ({} if not recorded)
-    arch: dict | None = None                   # models.serialization.architecture_of of the saved net
-    state_dict: dict | None = None             # the network's own tensors (no "net." prefix)
-
-
-def _load(path: Path, key: str, mmap: bool = False) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"{key}={str(path)!r} does not exist; point {key} at {_HINT} "
-                                "(logs/<task_name>/runs/<run>/...)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:
-        raise ValueError(f"{key}={str(path)!r} is not a netcompress model/checkpoint (not a readable checkpoint: "
-                         f"{why_unreadable(path, exc)}); point {key} at {_HINT}") from None
-
-
-def read_checkpoint(path: str | os.PathLike, key: str = "ckpt_path", mmap: bool = False) -> dict:
-    """Load a Lightning checkpoint as plain data, or raise an error naming the config key."""
-    path = Path(path)
-    checkpoint = _load(path, key, mmap)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{key}={str(path)!r} is not a netcompress model/checkpoint: a torch file without a "
-                         f"Lightning state_dict; point {key} at {_HINT}")
-    return checkpoint
-
-
-def read_saved_net(path: str | os.PathLike, key: str, mmap: bool = False) -> SavedNet:
-    """The network description in a model.pt (``models.serialization.save_model``) or a run.py .ckpt."""
-    path = Path(path)
-    payload = _load(path, key, mmap)
-    if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        spec = {"model_name": payload["model_name"], "num_classes": payload["num_classes"],
-                "model_kwargs": dict(payload.get("model_kwargs") or {})}
-        return SavedNet(path, key, spec, payload["arch"], payload["state_dict"])
-    if not isinstance(payload, dict) or "state_dict" not in payload:
-        raise ValueError(f"{key}={str(path)!r} is not a netcompress model/checkpoint: a torch file that is neither "
-                         f"a {FORMAT} model file nor a Lightning checkpoint; point {key} at {_HINT}")
-    saved = payload.get(CHECKPOINT_KEY) or {}
-    prefix = "net."
-    state = {k[len(prefix):]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)}
-    return SavedNet(path, key, dict(saved.get("net_spec") or {}), saved.get("arch"), state)
-
-
-def build_net(saved: SavedNet) -> nn.Module:
-    """The saved network (thinned widths and swapped layers included), in eval mode."""
-    from netcompress.models.factory import create_model
-
-    spec = saved.spec
-    if "model_name" not in spec or saved.arch is None:
-        raise ValueError(f"{saved.key}={str(saved.path)!r} does not record which model it holds (not written by "
-                         "run.py)")
-    net = create_model(spec["model_name"], num_classes=spec["num_classes"], **spec.get("model_kwargs", {}))
-    reshape_to(net, saved.arch)
-    net.load_state_dict(saved.state_dict)
-    return net.eval()
-
-
-def load_net(path: str | os.PathLike, key: str = "ckpt_path") -> nn.Module:
-    """A network from a run.py checkpoint (.ckpt) or an exported model file (model.pt), in eval mode."""
-    return build_net(read_saved_net(path, key))
 
 
 # ----- is the saved network the configured one? ---------------------------------------------------

@@ -1,80 +1,36 @@
-"""Image classification on any backbone, with the one contract compression callbacks use.
+"""Image classification on any backbone, with the contract compression callbacks use.
 
-The contract (callbacks never patch methods and never call each other):
-
-* ``add_loss_term(name, fn, weight)``: ``fn(LossContext) -> scalar tensor`` is added to the
-  training loss every step and logged as ``train/<name>`` (distillation, sparsity penalties).
-  ``set_task_loss_weight(alpha)`` scales the cross-entropy term (Hinton-style KD mixes them).
-* ``register_aux_module(name, module)``: extra trainable modules (e.g. FitNets adapters) that
-  are optimised with the network and saved in checkpoints, but are not part of the exported net.
-  Register them in the callback's ``setup`` so they exist before optimizers and resume.
-* ``replace_net(net, optimizer_overrides)``: swap the backbone in place (physical channel
-  removal). Optimizers and LR schedulers are rebuilt for the remaining steps, optionally with
-  other optimizer arguments (fine-tune lr). Layer widths are stored in every checkpoint so
-  resuming rebuilds the thin network before loading weights.
-* ``report_result(key, value)``: extra figures for ``results.json`` (``compress/sparsity``, ...).
-
-The deployable model is always ``module.net``.
+``ClassificationModule`` mixes in ``lightning_modules.contract.CompressionContract`` (loss terms,
+auxiliary modules, network replacement, extra results, the dense parent) and adds what a
+classification run needs on top: cross-entropy with label smoothing, val/test metrics from
+``evaluation/metrics.py``, the optimizer phase after a network replacement (widths and phase go
+into every checkpoint, so resuming rebuilds a thinned network before loading weights), and a
+memory format that is safe on this machine. The deployable model is always ``module.net``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
 
+from netcompress.evaluation.metrics import ClassificationMetrics
+from netcompress.compression.checks import plain
+from netcompress.lightning_modules.contract import CompressionContract
 from netcompress.models.memory_format import cpu_channels_last_unsafe
-from netcompress.models.serialization import architecture_of, reshape_to
-
-CHECKPOINT_KEY = "netcompress"
+from netcompress.models.serialization import CHECKPOINT_KEY, architecture_of, reshape_to
 
 
-@dataclass
-class LossContext:
-    """What a loss term sees each training step."""
 
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    logits: torch.Tensor
-    module: "ClassificationModule"
-
-
-LossFn = Callable[[LossContext], torch.Tensor]
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
-
-
-def _scalar(value: Any) -> float:
-    """A loss term (tensor or number) as a float, for messages."""
-    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-
-
-def top_k_accuracy(num_classes: int, k: int) -> MulticlassAccuracy:
-    """Sample-averaged top-k accuracy (what papers call top-1/top-5); torchmetrics defaults to macro."""
-    return MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro")
-
-
-def per_class_top1(stat_scores: torch.Tensor) -> tuple[list[float], list[int]]:
-    """(top-1 recall of each class, its test images) from MulticlassStatScores(average=None) rows
-    [tp, fp, tn, fn, support]; a class with no test image has recall NaN (null in results.json)."""
-    tp, support = stat_scores[:, 0].double(), stat_scores[:, 4]
-    recall = tp / support.double()  # 0/0 = NaN: undefined, not 0
-    return [float(r) for r in recall], [int(n) for n in support]
-
-
-class ClassificationModule(pl.LightningModule):
+class ClassificationModule(CompressionContract, pl.LightningModule):
     """Cross-entropy training with top-1/top-5 accuracy on val and test.
 
-    ``val/acc1``, ``test/acc1`` (and acc5) are sample-averaged top-k accuracy. Test also gives
-    ``test/acc1_macro`` (mean per-class recall, torchmetrics' macro average) and, in
+    ``val/acc1``, ``test/acc1`` (and acc5) are sample-averaged top-k accuracy, ``*/loss`` the mean
+    cross-entropy (``evaluation/metrics.py``, the same figures as ``evaluation.evaluate``). Test also
+    gives ``test/acc1_macro`` (mean top-1 recall over the classes with test images) and, in
     ``extra_results``, ``test/per_class_acc1`` and ``test/class_counts``. A non-finite training
     loss stops fit at once with a ``FloatingPointError`` naming the step, loss terms and lr.
 
@@ -95,31 +51,23 @@ class ClassificationModule(pl.LightningModule):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"module.label_smoothing must be in [0, 1); got {label_smoothing}")
-        self.net_spec = dict(_plain(net_spec) or {})
+        self.net_spec = dict(plain(net_spec) or {})
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters({"label_smoothing": label_smoothing, "channels_last": channels_last,
                                    "no_decay_norm_bias": no_decay_norm_bias, "net_spec": self.net_spec})
         self.net = net
-        self.aux = nn.ModuleDict()
+        self.init_compression_contract()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.label_smoothing = label_smoothing
         self.channels_last = channels_last
         self.no_decay_norm_bias = no_decay_norm_bias
-        self.task_loss_weight = 1.0
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format  # see setup
         self._warned_memory_format = False
-        self.extra_results: dict[str, Any] = {}
-        self._loss_terms: dict[str, tuple[LossFn, float]] = {}
         # Optimizer phase: where the current optimizer/schedule started and its overrides.
         self._phase: dict[str, Any] = {"start_step": 0, "optimizer_overrides": {}}
         num_classes = self._num_classes()
-        self.val_acc1 = top_k_accuracy(num_classes, 1)
-        self.val_acc5 = top_k_accuracy(num_classes, 5)
-        self.test_acc1 = top_k_accuracy(num_classes, 1)
-        self.test_acc5 = top_k_accuracy(num_classes, 5)
-        self.test_acc1_macro = MulticlassAccuracy(num_classes, top_k=1, average="macro")
-        self.test_class_stats = MulticlassStatScores(num_classes, average=None)  # per-class tp and support
+        self.eval_metrics = {"val": ClassificationMetrics(num_classes), "test": ClassificationMetrics(num_classes)}
 
     def _num_classes(self) -> int:
         get_classifier = getattr(self.net, "get_classifier", None)
@@ -131,39 +79,14 @@ class ClassificationModule(pl.LightningModule):
         return int(classes)
 
     # ----- the callback contract -------------------------------------------------------------
-    def add_loss_term(self, name: str, fn: LossFn, weight: float = 1.0) -> None:
-        if name in self._loss_terms:
-            raise ValueError(f"a loss term named '{name}' is already registered; two callbacks use one name")
-        self._loss_terms[name] = (fn, float(weight))
-
-    def remove_loss_term(self, name: str) -> None:
-        self._loss_terms.pop(name, None)
-
-    def set_task_loss_weight(self, weight: float) -> None:
-        if not 0.0 <= weight <= 1.0:
-            raise ValueError(f"task loss weight must be in [0, 1]; got {weight}")
-        self.task_loss_weight = float(weight)
-
-    def register_aux_module(self, name: str, module: nn.Module) -> None:
-        if name in self.aux:
-            raise ValueError(f"an auxiliary module named '{name}' is already registered")
-        self.aux[name] = module.to(self.device)
-
-    def report_result(self, key: str, value: Any) -> None:
-        self.extra_results[key] = value
-
     def replace_net(self, net: nn.Module, optimizer_overrides: Mapping | None = None) -> None:
-        """Swap the backbone and, during fit, rebuild optimizers and schedulers from the current step."""
+        """Swap the backbone; optimizers and schedules are rebuilt for the remaining steps, with
+        ``optimizer_overrides`` (e.g. a fine-tuning lr), and the thin widths go into checkpoints."""
         trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:
-            raise RuntimeError("replace_net (physical channel removal) is not supported under multi-process "
-                               "DDP yet; run the removal with trainer=cpu or trainer=gpu (one device)")
-        self.net = net.to(self.device)
-        self._apply_memory_format()
         self._phase = {"start_step": trainer.global_step if trainer is not None else 0,
                        "optimizer_overrides": dict(optimizer_overrides or {})}
-        if trainer is not None and trainer.training:
-            trainer.strategy.setup_optimizers(trainer)
+        super().replace_net(net, optimizer_overrides)  # configure_optimizers reads the new phase
+        self._apply_memory_format()  # in place: the rebuilt optimizers hold the same parameters
 
     # ----- Lightning hooks -------------------------------------------------------------------
     def _apply_memory_format(self) -> None:
@@ -189,73 +112,51 @@ class ClassificationModule(pl.LightningModule):
         inputs = inputs.contiguous(memory_format=self.memory_format)  # no copy when already in it
         logits = self.net(inputs)
         ce = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
-        loss = self.task_loss_weight * ce if self.task_loss_weight != 1.0 else ce
-        terms = {"ce": ce}
-        if self._loss_terms:
-            context = LossContext(inputs, targets, logits, self)
-            for name, (fn, weight) in self._loss_terms.items():
-                term = terms[name] = fn(context)
-                loss = loss + weight * term
-                self.log(f"train/{name}", term)
-            self.log("train/ce", ce)
-        self.check_finite_loss(loss, terms)
+        loss = self.compression_loss(ce, inputs, targets, logits)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def check_finite_loss(self, loss: torch.Tensor, terms: Mapping[str, Any]) -> None:
-        """Stop fit at the first non-finite loss, before the optimizer step spreads it into the weights.
-
-        One host sync per step (the price of never training on NaN; under DDP the ranks agree, so
-        all of them stop); the message names the step, each loss term's value and weight, and the lr.
-        """
-        trainer = self._trainer
-        diverged = not bool(torch.isfinite(loss.detach()))
-        if trainer is not None:
-            diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
-        if not diverged:
-            return
-        weights = {"ce": self.task_loss_weight, **{n: w for n, (_, w) in self._loss_terms.items()}}
-        values = ", ".join(f"{n}={_scalar(t):.6g} (weight {weights[n]:g})" for n, t in terms.items())
-        step, epoch = (trainer.global_step, trainer.current_epoch) if trainer is not None else ("?", "?")
-        raise FloatingPointError(
-            f"non-finite training loss {float(loss.detach())} at step {step} (epoch {epoch}): {values}; "
-            f"last lr {self._last_lr()}. Training diverged: lower optimizer.lr, add warm-up (scheduler), or check "
-            "the compression settings that took effect at this step")
-
-    def _last_lr(self) -> str:
-        """Learning rate(s) of the last optimizer step, for error messages."""
-        trainer = self._trainer
-        optimizers = trainer.optimizers if trainer is not None else []
-        lrs = sorted({float(g["lr"]) for opt in optimizers for g in opt.param_groups})
-        return ", ".join(f"{lr:.6g}" for lr in lrs) if lrs else "unknown (no optimizer)"
-
-    def _eval_step(self, batch, stage: str) -> torch.Tensor:
+    def _eval_step(self, batch, stage: str) -> None:
         inputs, targets = batch
         inputs = inputs.contiguous(memory_format=self.memory_format)
-        logits = self.net(inputs)
-        acc1, acc5 = (self.val_acc1, self.val_acc5) if stage == "val" else (self.test_acc1, self.test_acc5)
-        acc1.update(logits, targets)
-        acc5.update(logits, targets)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, targets), on_epoch=True, sync_dist=True)
-        self.log(f"{stage}/acc1", acc1, on_epoch=True, prog_bar=True)
-        self.log(f"{stage}/acc5", acc5, on_epoch=True)
-        return logits
+        self.eval_metrics[stage].update(self.net(inputs), targets)
+
+    def _sum_over_processes(self, counts: torch.Tensor) -> torch.Tensor:
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return counts
+        return trainer.strategy.reduce(counts, reduce_op="sum")
+
+    def _eval_epoch_end(self, stage: str) -> dict[str, Any]:
+        """Log ``<stage>/loss``, ``acc1``, ``acc5`` (all processes' samples) and return all figures."""
+        figures = self.eval_metrics[stage].compute(self._sum_over_processes)
+        self.eval_metrics[stage].reset()
+        self.log(f"{stage}/loss", figures["loss"])
+        self.log(f"{stage}/acc1", figures["acc1"], prog_bar=True)
+        self.log(f"{stage}/acc5", figures["acc5"])
+        return figures
+
+    def on_validation_epoch_start(self) -> None:
+        self.eval_metrics["val"].reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.eval_metrics["test"].reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        logits = self._eval_step(batch, "test")
-        self.test_acc1_macro.update(logits, batch[1])
-        self.test_class_stats.update(logits, batch[1])
-        self.log("test/acc1_macro", self.test_acc1_macro, on_epoch=True)
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
 
     def on_test_epoch_end(self) -> None:
-        """Per-class top-1 and class counts of the test set into results.json (lists: not loggable)."""
-        per_class, counts = per_class_top1(self.test_class_stats.compute())
-        self.test_class_stats.reset()
-        self.report_result("test/per_class_acc1", per_class)
-        self.report_result("test/class_counts", counts)
+        """Test figures; per-class top-1 and class counts go to results.json (lists: not loggable)."""
+        figures = self._eval_epoch_end("test")
+        self.log("test/acc1_macro", figures["acc1_macro"])
+        self.report_result("test/per_class_acc1", figures["per_class_acc1"])
+        self.report_result("test/class_counts", figures["class_counts"])
 
     def _parameter_groups(self) -> list[dict]:
         params = [p for p in list(self.net.parameters()) + list(self.aux.parameters()) if p.requires_grad]

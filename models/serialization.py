@@ -15,6 +15,7 @@ import importlib
 import os
 import re
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +23,8 @@ import torch
 from torch import nn
 
 FORMAT = "netcompress-model/1"
+# The key under which the LightningModule stores net_spec and arch in a run.py .ckpt.
+CHECKPOINT_KEY = "netcompress"
 
 # Module attributes that determine tensor shapes or how the forward uses them.
 _SHAPE_ATTRS = (
@@ -161,8 +164,70 @@ def load_model(path: str | os.PathLike) -> nn.Module:
                          ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"model file {path} is not a {FORMAT} file (a Lightning checkpoint? "
-                         "use lightning_modules.checkpoint_io.load_net)")
+                         "use load_net)")
     net = create_model(payload["model_name"], num_classes=payload["num_classes"], **payload["model_kwargs"])
     reshape_to(net, payload["arch"])
     net.load_state_dict(payload["state_dict"])
     return net.eval()
+
+
+# ----- any saved network: model.pt or a run.py checkpoint (.ckpt) ----------------------------------
+_HINT = "a model.pt or checkpoints/last.ckpt written by run.py"
+
+
+@dataclass
+class SavedNet:
+    """What a model.pt or run.py checkpoint says about its network."""
+
+    path: Path
+    key: str
+    spec: dict = field(default_factory=dict)   # model_name, num_classes, model_kwargs ({} if not recorded)
+    arch: dict | None = None                   # architecture_of the saved net
+    state_dict: dict | None = None             # the network's own tensors (no "net." prefix)
+
+
+def _load(path: Path, key: str, mmap: bool = False) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={str(path)!r} does not exist; point {key} at {_HINT} "
+                                "(logs/<task_name>/runs/<run>/...)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:
+        raise ValueError(f"{key}={str(path)!r} is not a netcompress model/checkpoint (not a readable checkpoint: "
+                         f"{why_unreadable(path, exc)}); point {key} at {_HINT}") from None
+
+
+def read_saved_net(path: str | os.PathLike, key: str, mmap: bool = False) -> SavedNet:
+    """The network description in a model.pt (``models.serialization.save_model``) or a run.py .ckpt."""
+    path = Path(path)
+    payload = _load(path, key, mmap)
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        spec = {"model_name": payload["model_name"], "num_classes": payload["num_classes"],
+                "model_kwargs": dict(payload.get("model_kwargs") or {})}
+        return SavedNet(path, key, spec, payload["arch"], payload["state_dict"])
+    if not isinstance(payload, dict) or "state_dict" not in payload:
+        raise ValueError(f"{key}={str(path)!r} is not a netcompress model/checkpoint: a torch file that is neither "
+                         f"a {FORMAT} model file nor a Lightning checkpoint; point {key} at {_HINT}")
+    saved = payload.get(CHECKPOINT_KEY) or {}
+    prefix = "net."
+    state = {k[len(prefix):]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)}
+    return SavedNet(path, key, dict(saved.get("net_spec") or {}), saved.get("arch"), state)
+
+
+def build_net(saved: SavedNet) -> nn.Module:
+    """The saved network (thinned widths and swapped layers included), in eval mode."""
+    from netcompress.models.factory import create_model
+
+    spec = saved.spec
+    if "model_name" not in spec or saved.arch is None:
+        raise ValueError(f"{saved.key}={str(saved.path)!r} does not record which model it holds (not written by "
+                         "run.py)")
+    net = create_model(spec["model_name"], num_classes=spec["num_classes"], **spec.get("model_kwargs", {}))
+    reshape_to(net, saved.arch)
+    net.load_state_dict(saved.state_dict)
+    return net.eval()
+
+
+def load_net(path: str | os.PathLike, key: str = "ckpt_path") -> nn.Module:
+    """A network from a run.py checkpoint (.ckpt) or an exported model file (model.pt), in eval mode."""
+    return build_net(read_saved_net(path, key))

@@ -5,6 +5,7 @@ The one place that turns config into objects; run.py and protocols/ both build t
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import hydra
@@ -12,9 +13,11 @@ import pytorch_lightning as pl
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from netcompress.lightning_modules.checkpoint_io import SavedNet, build_net, check_same_model, read_saved_net
+from netcompress.lightning_modules.checkpoint_io import check_same_model
+from netcompress.models.serialization import SavedNet, build_net, read_saved_net
 from netcompress.pipeline.config_checks import check_config
-from netcompress.pipeline.entries import reshaping_entries
+from netcompress.pipeline.combinations import check_combinations
+from netcompress.pipeline.entries import entry_names, reshaping_entries
 
 
 def instantiate(config: DictConfig, **kwargs: Any) -> Any:
@@ -32,14 +35,6 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [instantiate(entry) for entry in group.values() if entry and "_target_" in entry]
-
-
-def check_callback_combination(callbacks: list[pl.Callback]) -> None:
-    """Let each callback reject the others it cannot work with (before any training)."""
-    for callback in callbacks:
-        check = getattr(callback, "check_combination", None)
-        if check is not None:
-            check([other for other in callbacks if other is not callback])
 
 
 def model_kwargs(cfg: DictConfig) -> dict:
@@ -85,8 +80,10 @@ def build(cfg: DictConfig):
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
     )
+    if init is not None:  # the dense parent: a frozen copy for the evaluators of evaluation=[...]
+        module.set_parent(copy.deepcopy(net).eval().requires_grad_(False), source=f"init_from:{cfg.init_from}")
     callbacks = instantiate_group(cfg.get("callbacks"))
-    check_callback_combination(callbacks)
+    check_combinations(callbacks, entry_names(cfg.get("callbacks")))
     loggers = instantiate_group(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, module, trainer

@@ -9,7 +9,7 @@ import difflib
 import inspect
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from omegaconf import OmegaConf
 
@@ -68,32 +68,33 @@ def unknown_key_message(path: str, key: str, target: str, valid: list[str]) -> s
             f"valid keys under {path}: {', '.join(valid)}")
 
 
-# ----- what a compression entry does to the run (registries keyed by _target_) -----------------
-# Entries that physically change layer widths or swap layers (so a checkpoint of this run may hold
-# a thinner network than model.* builds): target -> predicate on the entry's config.
-RESHAPING_TARGETS: dict[str, Callable[[Mapping], bool]] = {
-    "netcompress.callbacks.slimming.Slimming": lambda entry: True,
-    "netcompress.callbacks.magnitude_pruning.MagnitudePruning": lambda entry: bool(entry.get("remove_filters")),
-    "netcompress.callbacks.lowrank.LowRank": lambda entry: True,
-}
-# Entries whose whole job needs no training epoch (calibration only): trainer.max_epochs=0 is fine.
-CALIBRATION_ONLY_TARGETS = frozenset({"netcompress.callbacks.ptq.PTQ"})
-
-
+# ----- what a compression entry does to the run (the capabilities its class declares) ----------
 def _entries(callbacks: Mapping | None) -> list[tuple[str, Mapping]]:
     return [(name, entry) for name, entry in (callbacks or {}).items()
             if isinstance(entry, Mapping) and isinstance(entry.get("_target_"), str)]
 
 
+def entry_names(callbacks: Mapping | None) -> list[str]:
+    """Names of the callbacks entries that build an object, in config order (as ``instantiate_group``)."""
+    return [name for name, _ in _entries(callbacks)]
+
+
+def _capabilities(entry: Mapping) -> frozenset[str]:
+    """``pipeline.combinations.capabilities_of`` the entry's class with its arguments; none if unknown."""
+    from netcompress.pipeline.combinations import capabilities_of
+
+    try:
+        target = locate(entry["_target_"])
+    except (ImportError, AttributeError):
+        return frozenset()  # the config checks name the bad _target_
+    return capabilities_of(target, entry) if isinstance(target, type) else frozenset()
+
+
 def reshaping_entries(callbacks: Mapping | None) -> list[str]:
-    """Names of the callbacks entries that change the network's layer widths or layers."""
-    return [name for name, entry in _entries(callbacks)
-            if RESHAPING_TARGETS.get(entry["_target_"], lambda e: False)(entry)]
+    """Entries that remove channels or swap layers (so a checkpoint may hold a thinner network)."""
+    return [name for name, entry in _entries(callbacks) if "reshapes_net" in _capabilities(entry)]
 
 
 def calibration_only_entries(callbacks: Mapping | None) -> list[str]:
-    return [name for name, entry in _entries(callbacks) if entry["_target_"] in CALIBRATION_ONLY_TARGETS]
-
-
-def reshaping_hint() -> str:
-    return "slimming, magnitude_pruning with remove_filters=true, lowrank"
+    """Entries whose whole job needs no training epoch (``trainer.max_epochs=0`` is fine)."""
+    return [name for name, entry in _entries(callbacks) if "calibration_only" in _capabilities(entry)]

@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
+from netcompress.evaluation.evaluators import run_evaluators
 from netcompress.pipeline.build import build
 
 INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError)
@@ -37,15 +38,20 @@ def val_metrics(trainer: pl.Trainer) -> dict[str, float]:
 
 
 def fit_and_test(cfg: DictConfig, start: torch.nn.Module | None = None, callbacks: Sequence[pl.Callback] = (),
-                 fit: bool = True, test: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+                 fit: bool = True, test: bool = True, parent: torch.nn.Module | None = None
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Build ``cfg``, start from ``start``, add ``callbacks``, fit (unless ``fit=False``), test the
-    final weights (unless ``test=False``); returns (results, {"trainer", "module", "datamodule"})."""
+    final weights (unless ``test=False``) and run the configured evaluators (``evaluation=[...]``)
+    against the dense ``parent`` (a protocol's dense stage; else the module's own, e.g. init_from's);
+    returns (results, {"trainer", "module", "datamodule"})."""
     try:
         datamodule, module, trainer = build(cfg)
     except INPUT_ERRORS as exc:
         exc.before_training = True  # run.py prints it as one line
         raise
     set_start(module, start)
+    if parent is not None:
+        module.set_parent(parent, source="protocol:dense", replace=True)
     trainer.callbacks.extend(callbacks)
     # one image through the net: Lightning's model summary then shows real FLOPs (and sizes), not 0
     module.example_input_array = torch.zeros(1, *datamodule.input_size)
@@ -61,4 +67,7 @@ def fit_and_test(cfg: DictConfig, start: torch.nn.Module | None = None, callback
         results.update(tested[0] if tested else {})
     results["world_size"] = trainer.world_size
     results.update(module.extra_results)
-    return results, {"trainer": trainer, "module": module, "datamodule": datamodule}
+    objects = {"trainer": trainer, "module": module, "datamodule": datamodule}
+    if test and trainer.is_global_zero:
+        results.update(run_evaluators(cfg, objects, module.parent))
+    return results, objects

@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from netcompress.evaluation.model_stats import count_flops
+from netcompress.evaluation.model_stats import count_flops, layer_flops
 
 
 def masked_state(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -53,31 +53,6 @@ def scratch_b_budget(budget: int, dense_flops: float, pruned_flops: float, max_f
     if max_factor is not None:
         factor = min(factor, float(max_factor))
     return max(1, int(math.floor(budget * factor + 0.5)))
-
-
-def layer_flops(net: nn.Module, input_size: tuple[int, int, int]) -> dict[str, int]:
-    """Dense FLOPs (2 per multiply-add) of each Conv2d / Linear for one image."""
-    flops: dict[str, int] = {}
-    handles = []
-    for name, module in net.named_modules():
-        if isinstance(module, nn.Conv2d):
-            def hook(m, inputs, output, name=name):
-                k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
-                flops[name] = 2 * output[0].numel() * k
-            handles.append(module.register_forward_hook(hook))
-        elif isinstance(module, nn.Linear):
-            def hook(m, inputs, output, name=name):
-                flops[name] = 2 * output[0].numel() * m.in_features
-            handles.append(module.register_forward_hook(hook))
-    was_training = net.training
-    try:
-        with torch.no_grad():
-            net.eval()(torch.zeros(1, *input_size, device=next(net.parameters()).device))
-    finally:
-        for h in handles:
-            h.remove()
-        net.train(was_training)
-    return flops
 
 
 def effective_flops(net: nn.Module, masks: Mapping[str, torch.Tensor] | None, input_size: tuple[int, int, int]) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,17 @@ def straight_and_resumed(base: list[str], tmp_path: Path, stop_after: int) -> tu
     resumed = run(compose_config([*base, f"ckpt_path={checkpoint}"], tmp_path / "resumed"))
     state = assert_same_model_files(tmp_path / "straight", tmp_path / "resumed")
     return straight, resumed, state
+
+
+def scratch_copy(destination: Path) -> Path:
+    """The working tree as a fresh clone would have it plus uncommitted changes (tracked and new,
+    non-ignored files), without venv, logs or caches."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return destination

@@ -73,7 +73,7 @@ def test_settings_of_an_entry_not_in_the_compression_list_are_refused(tiny_confi
 
 @pytest.mark.parametrize("overrides, match", [
     (["compression=[slimming]", "+callbacks.slimming.prune_ratoi=0.5"],
-     r"`callbacks\.slimming\.prune_ratoi` is not an argument of callbacks\.channel_slimming\.Slimming "
+     r"`callbacks\.slimming\.prune_ratoi` is not an argument of netcompress\.callbacks\.slimming\.Slimming "
      r"\(did you mean prune_ratio\?\); valid keys under callbacks\.slimming: prune_ratio, at_epochs"),
     (["+optimizer.lrr=0.1"], r"`optimizer\.lrr` is not an argument of torch\.optim\.SGD \(did you mean lr\?\); "
                              r"valid keys under optimizer: lr, momentum"),
@@ -166,7 +166,7 @@ def model_file(path: Path, name: str = "resnet20_cifar", width: float = 0.25, th
 
 def checkpoint_file(path: Path, **kwargs) -> Path:
     """A run.py-style checkpoint (state_dict + netcompress's arch/net_spec) of the model_file network."""
-    from netcompress.lightning_modules.classification import CHECKPOINT_KEY
+    from netcompress.models.serialization import CHECKPOINT_KEY
 
     saved = torch.load(model_file(path.with_suffix(".pt"), **kwargs), weights_only=True)
     spec = {k: saved[k] for k in ("model_name", "num_classes", "model_kwargs")}

@@ -15,8 +15,8 @@ from torch import nn
 from netcompress import models  # noqa: F401
 from conftest import TINY, compose_config
 from netcompress.lightning_modules import schedules
-from netcompress.lightning_modules.checkpoint_io import load_net
-from netcompress.lightning_modules.classification import ClassificationModule, per_class_top1
+from netcompress.models.serialization import load_net
+from netcompress.lightning_modules.classification import ClassificationModule
 from netcompress.pipeline.build import build
 from netcompress.run import run
 
@@ -159,19 +159,20 @@ def test_bad_milestones_are_rejected():
 # ----- metrics: top-1 means top-1 (sample-averaged); macro and per-class are named apart ----------
 
 def test_acc1_is_sample_averaged_and_macro_is_reported_apart():
-    """The issue's example: predictions [0,0,0,0,1,2] vs labels [0,0,0,0,0,2] are 5/6 top-1,
-    0.6 mean per-class recall (torchmetrics' default macro average, once reported as acc1)."""
+    """The issue's example: predictions [0,0,0,0,1,2] vs labels [0,0,0,0,0,2] are 5/6 top-1; the
+    macro top-1 averages the classes that have samples (0.8 and 1.0: 0.9); class 1 has none (NaN).
+    (torchmetrics' macro average counted class 1 as 0 and gave 0.6, once reported as acc1.)"""
     module = ClassificationModule(models.create_model("conv2_lth", num_classes=3), optimizer=torch.optim.SGD)
     logits = F.one_hot(torch.tensor([0, 0, 0, 0, 1, 2]), 3).float()
     labels = torch.tensor([0, 0, 0, 0, 0, 2])
-    for metric in (module.val_acc1, module.test_acc1, module.test_acc1_macro, module.test_class_stats):
-        metric.update(logits, labels)
-    assert float(module.val_acc1.compute()) == pytest.approx(5 / 6)
-    assert float(module.test_acc1.compute()) == pytest.approx(5 / 6)
-    assert float(module.test_acc1_macro.compute()) == pytest.approx(0.6)
-    per_class, counts = per_class_top1(module.test_class_stats.compute())
-    assert counts == [5, 0, 1]
-    assert per_class[0] == pytest.approx(0.8) and math.isnan(per_class[1]) and per_class[2] == 1.0
+    for stage in ("val", "test"):
+        module.eval_metrics[stage].update(logits, labels)
+        figures = module.eval_metrics[stage].compute()
+        assert figures["acc1"] == pytest.approx(5 / 6)
+        assert figures["acc1_macro"] == pytest.approx(0.9)
+        assert figures["class_counts"] == [5, 0, 1]
+        per_class = figures["per_class_acc1"]
+        assert per_class[0] == pytest.approx(0.8) and math.isnan(per_class[1]) and per_class[2] == 1.0
 
 
 def test_acc5_is_the_share_of_samples_with_the_label_in_the_top_5():
@@ -179,9 +180,26 @@ def test_acc5_is_the_share_of_samples_with_the_label_in_the_top_5():
     module = ClassificationModule(models.create_model("conv2_lth", num_classes=10), optimizer=torch.optim.SGD)
     logits = torch.randn(200, 10)
     labels = torch.cat([torch.zeros(150, dtype=torch.long), torch.randint(0, 10, (50,))])  # imbalanced
-    module.test_acc5.update(logits, labels)
+    module.eval_metrics["test"].update(logits, labels)
     expected = (logits.topk(5, dim=1).indices == labels[:, None]).any(1).float().mean()
-    assert float(module.test_acc5.compute()) == pytest.approx(float(expected))
+    assert module.eval_metrics["test"].compute()["acc5"] == pytest.approx(float(expected))
+
+
+def test_parent_is_no_submodule_and_the_first_one_wins():
+    """set_parent: module.parent is not trained or saved (no parameters, no state_dict keys); a later
+    parent (a KD teacher) does not replace init_from's unless replace=True (a protocol's dense stage)."""
+    module = ClassificationModule(models.create_model("conv2_lth", num_classes=3), optimizer=torch.optim.SGD)
+    assert module.parent is None and module.parent_source is None
+    keys, params = set(module.state_dict()), len(list(module.parameters()))
+    first, second = copy.deepcopy(module.net), copy.deepcopy(module.net)
+    module.set_parent(first, source="init_from:a.pt")
+    module.set_parent(second, source="kd:b.pt")
+    assert module.parent is first and module.parent_source == "init_from:a.pt"
+    assert set(module.state_dict()) == keys and len(list(module.parameters())) == params
+    module.set_parent(second, source="lottery:dense", replace=True)
+    assert module.parent is second and module.parent_source == "lottery:dense"
+    with pytest.raises(TypeError, match="set_parent takes a torch net"):
+        module.set_parent("a.pt")
 
 
 def _imbalanced_test_split(monkeypatch):

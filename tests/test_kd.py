@@ -217,10 +217,10 @@ def test_presets_and_default_use_the_two_weights(tmp_path):
 
 
 def test_two_kd_callbacks_are_rejected_before_training():
-    from netcompress.pipeline.build import check_callback_combination
+    from netcompress.pipeline.combinations import check_combinations
 
     with pytest.raises(ValueError, match="only one KD"):
-        check_callback_combination([KD("initial"), KD("initial")])
+        check_combinations([KD("initial"), KD("initial")])
 
 
 def test_unmatched_hint_layer_lists_the_layer_names(tmp_path, teacher_files):

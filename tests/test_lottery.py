@@ -13,12 +13,13 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from netcompress import models  # noqa: F401
-import netcompress.protocols.lottery as lottery
+import netcompress.protocols.stages as stages
 from netcompress.protocols.fixed_mask import FixedMask
 from netcompress.compression.masks import sparsity_of
 from conftest import TINY, StopAfterEpochs, compose_config
 from netcompress.protocols import stage_store
 from netcompress.protocols.lottery import LotteryProtocol, job_base, load_masks
+from netcompress.protocols.retraining import RETRAINING, Retraining, register_retraining
 from netcompress.protocols.retrain_init import effective_flops, random_masks_like, scratch_b_budget
 from netcompress.protocols.stage_store import StageStore
 from netcompress.pipeline.build import build
@@ -43,7 +44,7 @@ def test_rewind_restores_step_k_weights_on_survivors_and_zero_elsewhere(tmp_path
     cfg = make_cfg(tmp_path, "job", "protocol.snapshot_steps=[0,2]", "protocol.rewind_step=2")
     protocol = protocol_of(cfg)
     base = job_base(cfg)
-    dense_dir = protocol.dense_stage(base)
+    dense_dir = protocol.stages.dense(base)
     # Independent reference for step 2: the same run stopped after 2 batches (no lr schedule, so
     # the first two updates are the same), and for step 0 a freshly built network with the seed.
     ref_cfg = compose_config([*TINY, *NET, "trainer.limit_train_batches=2"], tmp_path / "ref")
@@ -58,8 +59,8 @@ def test_rewind_restores_step_k_weights_on_survivors_and_zero_elsewhere(tmp_path
         torch.testing.assert_close(snap2[key], step2[key].cpu(), rtol=1e-6, atol=1e-7)
     assert any(not torch.equal(snap2[k], init[k]) for k in init)  # two real updates happened
 
-    masks = load_masks(protocol.mask_stage(base, 1))
-    start = protocol.start_network(base, dense_dir, masks, "rewind").state_dict()
+    masks = load_masks(protocol.stages.mask(base, 1))
+    start = RETRAINING["rewind"](protocol).start_network(base, dense_dir, masks).state_dict()
     for name, mask in masks.items():
         weight = start[f"{name}.weight"]
         assert torch.equal(weight[mask], snap2[f"{name}.weight"][mask])
@@ -72,11 +73,11 @@ def test_rewind_restores_step_k_weights_on_survivors_and_zero_elsewhere(tmp_path
 def test_reinit_has_the_same_mask_but_new_values(tmp_path):
     cfg = make_cfg(tmp_path, "job")
     protocol, base = protocol_of(cfg), job_base(cfg)
-    dense_dir = protocol.dense_stage(base)
-    masks = load_masks(protocol.mask_stage(base, 1))
-    rewound = protocol.start_network(base, dense_dir, masks, "rewind").state_dict()
-    fresh = protocol.start_network(base, dense_dir, masks, "reinit").state_dict()
-    again = protocol.start_network(base, dense_dir, masks, "reinit").state_dict()
+    dense_dir = protocol.stages.dense(base)
+    masks = load_masks(protocol.stages.mask(base, 1))
+    rewound = RETRAINING["rewind"](protocol).start_network(base, dense_dir, masks).state_dict()
+    fresh = RETRAINING["reinit"](protocol).start_network(base, dense_dir, masks).state_dict()
+    again = RETRAINING["reinit"](protocol).start_network(base, dense_dir, masks).state_dict()
     for name, mask in masks.items():
         w = fresh[f"{name}.weight"]
         assert torch.equal(w != 0, mask)  # same support: exactly the surviving weights
@@ -129,12 +130,12 @@ def count_dense_trainings(monkeypatch) -> list:
     """Every dense-stage training builds one RewindSnapshot; count them."""
     made = []
 
-    class Counting(lottery.RewindSnapshot):
+    class Counting(stages.RewindSnapshot):
         def __init__(self, *args, **kwargs):
             made.append(1)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(lottery, "RewindSnapshot", Counting)
+    monkeypatch.setattr(stages, "RewindSnapshot", Counting)
     return made
 
 
@@ -150,8 +151,8 @@ def test_three_jobs_of_a_sweep_train_the_dense_stage_once(tmp_path, monkeypatch)
     assert len(keys) == 1 and {r["lottery/mask_key"] for r in results.values()} == {results["rewind"]["lottery/mask_key"]}
     assert all(r["lottery/sparsity"] == pytest.approx(0.36, abs=1e-3) for r in results.values())
     # the dense key ignores prune/retrain settings but not what determines the dense run
-    key = lambda *o: LotteryProtocol.dense_parts(protocol_of(make_cfg(tmp_path, "k", *o)),  # noqa: E731
-                                                 job_base(make_cfg(tmp_path, "k", *o)))
+    key = lambda *o: protocol_of(make_cfg(tmp_path, "k", *o)).stages.dense_parts(  # noqa: E731
+        job_base(make_cfg(tmp_path, "k", *o)))
     assert key() == key("protocol.prune.rate=0.5", "protocol.method=finetune", "protocol.finetune.lr=0.1")
     assert key() != key("seed=1") and key() != key("optimizer.lr=0.05") and key() != key("trainer.max_epochs=2")
     assert key() == key("trainer.fast_dev_run=false", "+trainer.max_steps=-1")  # spelled-out Trainer defaults
@@ -206,10 +207,10 @@ def test_iterative_rounds_reach_the_scheduled_sparsity(tmp_path):
     protocol, base = protocol_of(cfg), job_base(cfg)
     previous = None
     for r in range(1, 5):
-        masks = load_masks(protocol.mask_stage(base, r))
+        masks = load_masks(protocol.stages.mask(base, r))
         n = sum(m.numel() for m in masks.values())
         assert sparsity_of(masks) == pytest.approx(1 - 0.8 ** r, abs=1.0 / n)
-        assert protocol.target_sparsity(r) == pytest.approx(1 - 0.8 ** r)
+        assert protocol.rounds.target_sparsity(r) == pytest.approx(1 - 0.8 ** r)
         if previous is not None:  # masks only shrink: a pruned weight stays pruned
             assert all(not (masks[k] & ~previous[k]).any() for k in masks)
         previous = masks
@@ -268,6 +269,56 @@ def test_bad_protocol_settings_fail_clearly(tmp_path, overrides, match):
         protocol_of(cfg)
 
 
+@pytest.fixture
+def stub_method():
+    """A retraining method added the way a user adds one: one class, one decorator, nothing else edited."""
+    starts = []
+
+    @register_retraining("stub_trained")
+    class StubTrained(Retraining):
+        """The dense stage's trained weights, masked, retrained for 2 epochs."""
+
+        def unpruned_start(self, base, dense_dir, round_):
+            starts.append(dense_dir)
+            return stages.load_stage_net(dense_dir)
+
+        def budget(self, job, start):
+            return {"trainer.max_epochs": 2}, 2
+
+    StubTrained.starts = starts
+    yield StubTrained
+    RETRAINING.pop("stub_trained")
+
+
+def test_a_registered_retraining_method_is_selectable_by_name(tmp_path, stub_method):
+    cfg = make_cfg(tmp_path, "job", "protocol.method=stub_trained")
+    assert isinstance(protocol_of(cfg).retraining, stub_method)
+    results = run(cfg)
+    assert len(stub_method.starts) == 1 and stub_method.starts[0].name == results["lottery/dense_key"]
+    assert results["lottery/method"] == results["lottery/label"] == "stub_trained"
+    assert results["lottery/epochs_trained"] == 2 and results["global_step"] == 2 * 4  # its budget, 4 steps/epoch
+    assert results["lottery/sparsity"] == pytest.approx(0.2, abs=0.01) and results["params_nonzero"] < results["params_total"]
+    with pytest.raises(ValueError, match="'stub_trained' is already registered"):
+        register_retraining("stub_trained")(stub_method)
+
+
+def test_an_unknown_method_lists_the_registered_ones(tmp_path, stub_method):
+    names = list(RETRAINING)
+    assert names[:7] == ["dense", "finetune", "rewind", "reinit", "random_prune", "scratch_e", "scratch_b"]
+    assert names[-1] == "stub_trained"
+    with pytest.raises(ValueError, match=rf"protocol.method must be one of {', '.join(names)}; got 'lth'"):
+        protocol_of(make_cfg(tmp_path, "job", "protocol.method=lth"))
+
+
+def test_aliases_report_as_reinit_with_their_budget(tmp_path):
+    for alias, label in [("scratch_e", "reinit (Scratch-E)"), ("scratch_b", "reinit (Scratch-B)")]:
+        protocol = protocol_of(make_cfg(tmp_path, "job", f"protocol.method={alias}"))
+        assert (protocol.method, protocol.label) == ("reinit", label)
+    assert protocol_of(make_cfg(tmp_path, "job", "protocol.method=reinit", "protocol.reinit.budget=flops")).label \
+        == "reinit (Scratch-B)"
+    assert protocol_of(make_cfg(tmp_path, "job", "protocol.rewind_step=0")).label == "rewind k=0"
+
+
 def test_unreachable_snapshot_step_fails_before_training(tmp_path):
     cfg = make_cfg(tmp_path, "job", "protocol.snapshot_steps=[0,50]")  # 1 epoch = 4 steps
     with pytest.raises(ValueError, match=r"protocol.snapshot_steps \[50\] are beyond the run's 4 optimizer steps"):
@@ -279,7 +330,7 @@ def test_bad_layer_pattern_and_mask_shapes_fail_clearly(tmp_path):
     protocol = protocol_of(cfg)
     net = models.factory.create_model("conv2_lth", num_classes=10, width=0.125)
     with pytest.raises(ValueError, match="protocol.prune: pattern 'nope\\*' matches no"):
-        protocol.selected(net)
+        protocol.rounds.selected(net)
     with pytest.raises(ValueError, match="must hold only 0 and 1"):
         FixedMask(masks={"x": torch.tensor([0.0, 0.5])})
     with pytest.raises(ValueError, match="exactly one of `masks` or `path`"):
@@ -292,7 +343,6 @@ def test_bad_layer_pattern_and_mask_shapes_fail_clearly(tmp_path):
 
 @pytest.mark.slow
 def test_structured_reinit_trains_a_thinner_network(tmp_path):
-    pytest.importorskip("compression.channel_removal")
     cfg = make_cfg(tmp_path, "job", "model.name=resnet20_cifar", "model.width=0.25", "protocol.method=reinit", "protocol.prune.kind=structured", "protocol.prune.criterion=l1_filter",
                    "protocol.prune.schedule=oneshot", "+protocol.prune.sparsity=0.5", "protocol.prune.scope=layer",
                    "protocol.prune.include=[layer*.conv1]")
@@ -319,7 +369,7 @@ def test_every_preset_composes_and_builds_its_protocol(tmp_path, preset):
         cfg = compose("config", overrides=[f"experiment={preset}", f"paths.store_dir={tmp_path}"],
                       return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    assert cfg.hydra.callbacks.report._target_ == "netcompress.protocols.hydra_report_callback.ReportOnMultirun"
+    assert cfg.hydra.callbacks.report._target_ == "netcompress.report.ReportOnMultirun"
     protocol = LotteryProtocol(**{k: v for k, v in OmegaConf.to_container(cfg.protocol).items() if k != "_target_"})
     for method in str(params["protocol.method"]).split(","):
         LotteryProtocol(**{**{k: v for k, v in OmegaConf.to_container(cfg.protocol).items() if k != "_target_"},

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from netcompress import models  # noqa: F401
-from netcompress.compression import lowrank as low_rank
+from netcompress.compression import lowrank
 from conftest import ROOT, TINY, compose_config, straight_and_resumed
 from netcompress.evaluation.model_stats import count_flops
 from netcompress.models.serialization import load_model, save_model
@@ -29,7 +29,7 @@ TINY_NET = ["model.name=conv2_lth", "+model.width=0.125", "latency_repeats=1"]
 def test_full_rank_reproduces_the_layer_outputs(layer):
     torch.manual_seed(0)
     x = torch.randn(5, layer.in_features) if isinstance(layer, nn.Linear) else torch.randn(2, layer.in_channels, 9, 11)
-    pair = low_rank.decompose(layer, low_rank.full_rank(layer))
+    pair = lowrank.decompose(layer, lowrank.full_rank(layer))
     with torch.no_grad():
         torch.testing.assert_close(pair(x), layer(x), rtol=0, atol=1e-5)
 
@@ -41,8 +41,8 @@ def test_full_rank_reproduces_the_layer_outputs(layer):
     (nn.Conv2d(16, 32, 5), 8, 8 * 16 * 25 + 32 * 8 + 32),
 ])
 def test_rank_r_lowers_params_as_computed(layer, rank, expected):
-    pair = low_rank.decompose(layer, rank)
-    assert sum(p.numel() for p in pair.parameters()) == expected == low_rank.params_of(layer, rank)
+    pair = lowrank.decompose(layer, rank)
+    assert sum(p.numel() for p in pair.parameters()) == expected == lowrank.params_of(layer, rank)
     assert expected < sum(p.numel() for p in layer.parameters())
 
 
@@ -51,7 +51,7 @@ def test_truncation_error_is_eckart_young():
     layer = nn.Linear(40, 30, bias=False)
     s = torch.linalg.svdvals(layer.weight.detach().double())
     for rank in (1, 5, 29):
-        pair = low_rank.decompose(layer, rank)
+        pair = lowrank.decompose(layer, rank)
         approx = (pair[1].weight @ pair[0].weight).double()
         error = torch.linalg.matrix_norm(approx - layer.weight.detach().double())
         torch.testing.assert_close(error, s[rank:].pow(2).sum().sqrt(), rtol=1e-5, atol=1e-6)
@@ -65,8 +65,8 @@ def test_energy_rank_is_the_smallest_rank_keeping_that_fraction():
     with torch.no_grad():
         layer.weight.copy_(u @ torch.diag(s) @ v.T)
     for energy, expected in [(0.5, 1), (16 / 30 - 1e-4, 1), (16 / 30 + 1e-4, 2), (25 / 30 - 1e-4, 2), (0.9, 3), (0.97, 4), (1.0, 4)]:
-        assert low_rank.choose_rank(layer, None, energy) == expected, energy
-    assert low_rank.choose_rank(layer, 3, None) == 3 and low_rank.choose_rank(layer, 99, None) == 5
+        assert lowrank.choose_rank(layer, None, energy) == expected, energy
+    assert lowrank.choose_rank(layer, 3, None) == 3 and lowrank.choose_rank(layer, 99, None) == 5
 
 
 def test_lowrank_run_reports_params_and_flops_before_and_after(tmp_path):
@@ -80,13 +80,13 @@ def test_lowrank_run_reports_params_and_flops_before_and_after(tmp_path):
     # rank 4 for every layer whose rank-4 pair is smaller than the layer; the others stay dense
     expected_params = sum(p.numel() for p in dense.parameters())
     for name, layer in dense.named_modules():
-        if isinstance(layer, (nn.Linear, nn.Conv2d)) and low_rank.params_of(layer, 4) < low_rank.params_of(layer):
-            expected_params += low_rank.params_of(layer, 4) - low_rank.params_of(layer)
+        if isinstance(layer, (nn.Linear, nn.Conv2d)) and lowrank.params_of(layer, 4) < lowrank.params_of(layer):
+            expected_params += lowrank.params_of(layer, 4) - lowrank.params_of(layer)
             assert saved["compress/lowrank_ranks"][name] == 4
     assert saved["compress/params_after"] == saved["params_total"] == expected_params
     assert saved["compress/flops_after"] == saved["flops"] < saved["compress/flops_before"]
     net = load_model(tmp_path / "run" / "model.pt")
-    assert isinstance(net.fc1, low_rank.LowRankLinear) and net.fc1[0].out_features == 4
+    assert isinstance(net.fc1, lowrank.LowRankLinear) and net.fc1[0].out_features == 4
     assert sum(p.numel() for p in net.parameters()) == expected_params
     assert results["status"] == "ok"
 
@@ -95,7 +95,7 @@ def test_lowrank_run_reports_params_and_flops_before_and_after(tmp_path):
 def test_decomposed_model_pt_reloads_in_a_fresh_process_with_equal_outputs(tmp_path):
     net = models.create_model("vgg11_bn_cifar", num_classes=10, width=0.25).eval()
     for name in ("features.4", "fc"):
-        low_rank.set_submodule(net, name, low_rank.decompose(net.get_submodule(name), 3))
+        lowrank.set_submodule(net, name, lowrank.decompose(net.get_submodule(name), 3))
     save_model(net, tmp_path / "model.pt", "vgg11_bn_cifar", 10, {"width": 0.25})
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     torch.save(x, tmp_path / "x.pt")
@@ -145,7 +145,7 @@ def test_pattern_matching_no_layer_fails_before_training(tiny_config):
 
 def test_decompose_rejects_a_rank_above_full_rank():
     with pytest.raises(ValueError, match=r"rank must be in 1\.\.8"):
-        low_rank.decompose(nn.Linear(8, 20), 9)
+        lowrank.decompose(nn.Linear(8, 20), 9)
 
 
 # ----- lowrank with magnitude_pruning: refused in one fit, supported as two runs ------------------------
@@ -153,8 +153,9 @@ def test_decompose_rejects_a_rank_above_full_rank():
 @pytest.mark.parametrize("entries", ["magnitude_pruning,lowrank", "lowrank,magnitude_pruning"])
 def test_lowrank_with_magnitude_pruning_in_one_fit_is_refused_before_training(tiny_config, entries):
     # it used to crash at the first batch: AttributeError on LowRankConv2d.weight
-    with pytest.raises(ValueError, match=r"both `lowrank` and `magnitude_pruning`.*masks would point at layers "
-                                         r"that no longer exist.*compression=\[magnitude_pruning\] init_from="):
+    with pytest.raises(ValueError, match=r"`callbacks\.magnitude_pruning` and `callbacks\.lowrank` cannot run in one "
+                                         r"fit.*masks of magnitude_pruning would point at layers that no longer exist"
+                                         r".*compression=\[magnitude_pruning\] init_from="):
         build(tiny_config(*TINY_NET, f"compression=[{entries}]"))
 
 
@@ -168,7 +169,7 @@ def test_pruning_a_factorised_run_with_init_from_prunes_the_factor_layers(tmp_pa
     results = run(compose_config(pruned, tmp_path / "pruned"))
     net = load_model(tmp_path / "pruned" / "model.pt")
     factors = {name for name in results["compress/sparsity_layers"] if name.rpartition(".")[0] in
-               {n for n, m in net.named_modules() if isinstance(m, (low_rank.LowRankLinear, low_rank.LowRankConv2d))}}
+               {n for n, m in net.named_modules() if isinstance(m, (lowrank.LowRankLinear, lowrank.LowRankConv2d))}}
     assert factors, results["compress/sparsity_layers"]
     assert results["compress/sparsity"] == pytest.approx(0.5, abs=0.01)
     weights = [net.get_submodule(name).weight for name in results["compress/sparsity_layers"]]

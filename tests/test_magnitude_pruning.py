@@ -10,6 +10,7 @@ import torch
 import torch.nn.utils.prune as prune
 
 from netcompress.callbacks.magnitude_pruning import MagnitudePruning
+from netcompress.compression.layer_selection import first_match, unmatched_patterns
 from netcompress.compression.pruning_schedules import PruningSchedule, agp_sparsity
 from netcompress.compression.sparse_storage import decode_bitmask, decode_csr, encode_bitmask, encode_csr, storage_bytes
 from conftest import TINY, compose_config, fit_interrupted
@@ -186,6 +187,7 @@ def test_sparse_storage_round_trips_and_sizes():
     ({"sparsity": 1.5}, r"magnitude_pruning\.sparsity`? must be a fraction in \[0, 1\).*1\.5"),
     ({"sparsity": -0.1}, r"sparsity.*\[0, 1\)"),
     ({"granularity": "blocks"}, "granularity.*unstructured, structured.*'blocks'"),
+    ({"importance": "l3"}, r"magnitude_pruning\.importance`? must be one of l1, l2, .*'l3'"),
     ({"schedule": "agp"}, "end.*required with schedule=agp"),
     ({"remove_filters": True}, "remove_filters.*needs granularity=structured"),
     ({"layer_sparsity": {"layer1.*": 0.5}}, "layer_sparsity.*needs scope=layer and schedule=oneshot"),
@@ -193,6 +195,15 @@ def test_sparse_storage_round_trips_and_sizes():
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MagnitudePruning(**kwargs)
+
+
+def test_first_matching_pattern_wins_and_unmatched_patterns_are_named():
+    by_pattern = {"layer1.*": 0.3, "layer1.0.*": 0.9, "fc": 0.1}  # layer1.0.conv1 matches two: the first wins
+    assert first_match("layer1.0.conv1", by_pattern) == 0.3
+    assert first_match("fc", by_pattern) == 0.1
+    assert first_match("layer2.0.conv1", by_pattern) is None
+    assert first_match("layer2.0.conv1", by_pattern, 0.5) == 0.5
+    assert unmatched_patterns(by_pattern, ["layer1.0.conv1", "layer2.0.conv1"]) == ["fc"]
 
 
 def test_pattern_matching_no_layer_fails_before_training(tiny_config):

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from netcompress.evaluation.results import write_results
-from netcompress.protocols.hydra_report_callback import ReportOnMultirun
+from netcompress.report import ReportOnMultirun
 from netcompress.report import DENSE_LABEL, aggregate, collect, make_report
 from netcompress.report import main as report_main
 
@@ -70,7 +70,7 @@ def test_report_means_std_and_failed_jobs(sweep):
     md = (sweep / "report.md").read_text()
     assert "Failed jobs: 2" in md and "CUDA out of memory" in md and "no results.json" in md
     # pruned layers keep 51.2%, the whole net 0.8 * 51.2% + 20% = 61.0% of its parameters
-    assert "| rewind k=0 | 51.2% | 61.0% | 51.2% | 3 | 87.00 +- 2.65 |" in md
+    assert "| rewind k=0 | 51.2% | 61.0% | 51.2% | 3 | 87.00 +- 2.65 | 6.57 |" in md  # t(0.975, 2) = 4.303
     assert float(rows[("rewind k=0", 0.488)]["params_fraction"]) == pytest.approx(0.8 * 0.512 + 0.2)
     for path in written:
         assert path.is_file() and path.stat().st_size > 0
@@ -136,3 +136,22 @@ def test_dense_jobs_of_a_rethinking_sweep_are_the_one_dense_line(tmp_path):
     dense = [t for t in table if t["label"].startswith("dense")]
     assert [(t["label"], t["n"]) for t in dense] == [(DENSE_LABEL, 2)]
     assert dense[0]["acc1_mean"] == pytest.approx((DENSE[0] + DENSE[1]) / 2)
+
+
+def test_confidence_intervals_and_paired_differences_against_hand_computation(sweep):
+    rows, _ = collect(sweep)
+    table = {(t["label"], t["sparsity"]): t for t in aggregate(rows)}
+    accs = ACC[("rewind k=0", 0.2)]
+    mean, std = reference(accs)
+    assert table[("rewind k=0", 0.2)]["acc1_ci95"] == pytest.approx(4.302652729911275 * std / math.sqrt(3))
+    from netcompress.report import paired_differences
+
+    pairs = {(d["sparsity"], d["a"], d["b"]): d for d in paired_differences(rows)}
+    d = pairs[(0.488, "reinit (Scratch-E)", "rewind k=0")]
+    diffs = [r - w for r, w in zip(ACC[("reinit (Scratch-E)", 0.488)], ACC[("rewind k=0", 0.488)])]
+    diff_mean, diff_std = reference(diffs)
+    assert d["n"] == 3 and d["diff_mean"] == pytest.approx(diff_mean) and d["diff_std"] == pytest.approx(diff_std)
+    assert d["diff_ci95"] == pytest.approx(4.302652729911275 * diff_std / math.sqrt(3))
+    md = (sweep / "report.md").read_text() if (sweep / "report.md").exists() else make_report(sweep) and \
+        (sweep / "report.md").read_text()
+    assert "Paired differences" in md and "| 51.2% | reinit (Scratch-E) | rewind k=0 | 3 |" in md

@@ -1,18 +1,17 @@
-"""Network slimming: the BN L1 subgradient, one global threshold, exact equivalence of the slimmed net,
-params/FLOPs shrink as counted by hand, pickle-free reload, fine-tune phase, resume, clear errors."""
+"""Network slimming: one global threshold, exact equivalence of the slimmed net, params/FLOPs shrink
+as counted by hand, pickle-free reload, fine-tune phase, resume, clear errors (the BN L1 training
+half, ``bn_sparsity``, is tested in test_bn_sparsity.py)."""
 from __future__ import annotations
 
 import copy
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from netcompress import models  # noqa: F401
-from netcompress.callbacks.bn_sparsity import BNSparsity
 from netcompress.callbacks.slimming import Slimming, slimming_masks
 from netcompress.compression.channel_removal import remove_channels
 from conftest import TINY, compose_config, fit_interrupted
@@ -43,33 +42,6 @@ def vgg_with_spread_gammas(seed: int = 0) -> nn.Module:
 
 def bns_of(net):
     return {n: m for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)}
-
-
-def test_bn_l1_adds_lambda_sign_gamma_to_the_gradient():
-    torch.manual_seed(0)
-    net = create_model("resnet20_cifar", num_classes=10, width=0.25)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.normal_()  # both signs
-    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    reference = copy.deepcopy(net)
-    lam = 1e-2
-    # reference: autograd of CE + lam * sum |gamma| (Liu et al. eq. 1)
-    loss = nn.functional.cross_entropy(reference(x), y)
-    loss = loss + lam * sum(m.weight.abs().sum() for m in reference.modules() if isinstance(m, nn.BatchNorm2d))
-    loss.backward()
-    nn.functional.cross_entropy(net(x), y).backward()
-    callback = BNSparsity(lam=lam)
-    module = SimpleNamespace(net=net)
-    callback.setup(None, module, "fit")
-    callback.on_before_optimizer_step(SimpleNamespace(current_epoch=0), module, None)
-    for (name, a), b in zip(net.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
-    # until_epoch switches it off
-    before = [p.grad.clone() for p in net.parameters()]
-    BNSparsity(lam=lam, until_epoch=1).on_before_optimizer_step(SimpleNamespace(current_epoch=1), module, None)
-    assert all(torch.equal(a, p.grad) for a, p in zip(before, net.parameters()))
 
 
 def test_one_global_threshold_with_a_floor_per_layer():
@@ -188,9 +160,7 @@ def test_bad_slimming_arguments(kwargs, match):
         Slimming(**kwargs)
 
 
-def test_bad_bn_sparsity_arguments_and_epochs_past_the_end(tiny_config):
-    with pytest.raises(ValueError, match=r"bn_sparsity\.lam.*\[0, 1\).*-1"):
-        BNSparsity(lam=-1)
+def test_slimming_epochs_past_the_end(tiny_config):
     cfg = tiny_config(*SLIM, "callbacks.slimming.at_epochs=[5]")
     datamodule, module, trainer = build(cfg)
     with pytest.raises(ValueError, match=r"at_epochs.*\[5\] goes past trainer.max_epochs=1"):

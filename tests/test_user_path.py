@@ -15,24 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, TINY_DATA
+from conftest import TINY_DATA, scratch_copy
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-
-
-def scratch_copy(destination: Path) -> Path:
-    """The working tree as a fresh clone would have it plus uncommitted changes (tracked and new,
-    non-ignored files), without venv, logs or caches."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in filter(None, listed):
-        source = ROOT / name
-        if source.is_file():
-            target = destination / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-    return destination
 
 
 @pytest.fixture(scope="module")

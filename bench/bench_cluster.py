@@ -1,7 +1,8 @@
-"""Weight clustering, Huffman sizes and low-rank decomposition on VGG-16 (CIFAR), side by side in one run.
+"""Weight clustering (cluster) on VGG-16 (CIFAR): k-means speed, shared-weight gradient cost and
+Deep Compression sizes, side by side in one run.
 
-    python bench/bench_clustering_lowrank.py --threads 1            # all four tables (~10 min on a busy 2-core box)
-    python bench/bench_clustering_lowrank.py --threads 1 --tables 2
+    python bench/bench_cluster.py --threads 1            # all three tables (~8 min on a busy 2-core box)
+    python bench/bench_cluster.py --threads 1 --tables 2
 
 Tables (every ratio compares two things measured in this run, on this machine):
 1. k-means of one 2.36M-weight VGG-16 conv layer: sorted prefix-sum Lloyd (ours, O(k log n) per
@@ -11,9 +12,9 @@ Tables (every ratio compares two things measured in this run, on this machine):
 3. Deep Compression storage of the convs of VGG-16: dense fp32 vs fixed-length indices vs Huffman, dense and
    after global magnitude pruning (Han et al.'s 92.5% for VGG-16). The weights are an untrained
    init, so the Huffman gain is indicative only (trained weights are more peaked).
-4. Truncated-SVD low rank of features.* (stem kept): params, FLOPs, batch-1 CPU latency.
 
-The cores of this machine are shared: use --threads 1 and read ratios, not absolute times.
+Low-rank decomposition has its own bench, bench/bench_lowrank.py. The cores of this machine are
+shared: use --threads 1 and read ratios, not absolute times.
 """
 from __future__ import annotations
 
@@ -29,10 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from netcompress import models  # noqa: E402,F401
 from netcompress.callbacks.cluster import Cluster  # noqa: E402
-from netcompress.compression import lowrank as low_rank  # noqa: E402
 from netcompress.compression.kmeans import assign, cluster_weight, kmeans_1d, linear_init  # noqa: E402
 from netcompress.compression.masks import unstructured_masks  # noqa: E402
-from netcompress.evaluation.model_stats import count_flops, measure_latency_ms  # noqa: E402
 
 
 def best_of(fn, repeats: int) -> float:
@@ -123,32 +122,11 @@ def table_storage() -> None:
               f"{figures['compress/ratio']:>12.1f}x")
 
 
-def table_low_rank(repeats: int) -> None:
-    print(f"\n4. Truncated-SVD low rank of VGG-16 features.* (stem kept), batch-1 CPU latency median of {repeats}")
-    print(f"{'setting':<22} {'params':>10} {'MFLOPs':>8} {'latency ms':>10} {'params x':>8} {'FLOPs x':>8} {'speed-up':>8}")
-    dense = models.create_model("vgg16_bn_cifar", num_classes=10).eval()
-    base = (sum(p.numel() for p in dense.parameters()), count_flops(dense, (3, 32, 32)),
-            measure_latency_ms(dense, (3, 32, 32), repeats=repeats))
-    rows = [("dense", base)]
-    for fraction in (0.5, 0.25, 0.125):
-        net = models.create_model("vgg16_bn_cifar", num_classes=10).eval()
-        net.load_state_dict(dense.state_dict())
-        for name, layer in list(net.named_modules()):
-            if name.startswith("features.") and isinstance(layer, nn.Conv2d) and name != "features.0":
-                low_rank.set_submodule(net, name, low_rank.decompose(layer, max(1, int(layer.out_channels * fraction))))
-        rows.append((f"rank = {fraction:g} x out", (sum(p.numel() for p in net.parameters()),
-                                                    count_flops(net, (3, 32, 32)),
-                                                    measure_latency_ms(net, (3, 32, 32), repeats=repeats))))
-    for label, (params, flops, latency) in rows:
-        print(f"{label:<22} {params:>10,} {flops / 1e6:>8.0f} {latency:>10.2f} {base[0] / params:>7.2f}x "
-              f"{base[1] / flops:>7.2f}x {base[2] / latency:>7.2f}x")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (cores are shared)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tables", default="1234", help="which tables to run, e.g. 2 or 34")
+    parser.add_argument("--tables", default="123", help="which tables to run, e.g. 2 or 13")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -159,8 +137,6 @@ def main() -> None:
         table_gradient(args.repeats)
     if "3" in args.tables:
         table_storage()
-    if "4" in args.tables:
-        table_low_rank(max(10, args.repeats * 5))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,125 @@
+"""Extra evaluators run after test, picked as a config list like compression: ``evaluation=[parent_agreement]``.
+
+Each evaluator is one small class, one ``@register_evaluator("<name>")`` entry here and one
+``conf/evaluation/<name>.yaml`` (``# @package evaluators``, one top-level key ``<name>`` holding
+its ``_target_`` and arguments, so the config checks validate them before training). It is
+called as ``evaluator(net, datamodule, parent) -> {"<stage>/<name>": value}`` with the final
+network, the run's datamodule and the dense **parent** net (``init_from``'s network, the KD
+teacher or a protocol's dense stage; ``module.parent``) or None; it returns figures and reports
+nothing itself (the pipeline merges them into results.json).
+
+This is where knowledge retention (issue 12) plugs in: ``retention`` (KL/JS to the parent,
+forgetting, per-class change, calibration), ``robustness`` and ``saliency`` are further
+evaluators of this shape, built on ``evaluation.evaluate.evaluate`` and the paired metrics of
+``evaluation/metrics.py``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+
+from torch import nn
+
+from netcompress.evaluation.evaluate import evaluate
+from netcompress.evaluation.metrics import Agreement, ClassificationMetrics, OnReference
+
+log = logging.getLogger(__name__)
+KEY = "evaluators"  # where conf/evaluation/*.yaml land (# @package evaluators)
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """``evaluator(net, datamodule, parent) -> {key: value}``; ``parent`` is the dense parent net or None."""
+
+    name: str
+
+    def __call__(self, net: nn.Module, datamodule: Any, parent: nn.Module | None) -> dict[str, Any]: ...
+
+
+EVALUATORS: dict[str, type] = {}
+
+
+def register_evaluator(name: str) -> Callable[[type], type]:
+    """Class decorator: make an evaluator available as ``evaluation=[<name>]`` (and set its ``name``)."""
+    def register(cls: type) -> type:
+        if name in EVALUATORS and EVALUATORS[name] is not cls:
+            raise ValueError(f"an evaluator named '{name}' is already registered ({EVALUATORS[name].__qualname__})")
+        cls.name = name
+        EVALUATORS[name] = cls
+        return cls
+    return register
+
+
+def build_evaluators(entries: Mapping[str, Any] | None) -> list[Evaluator]:
+    """The evaluators of the config's ``evaluators`` node (``{name: {_target_, args} or null}``), in order.
+
+    An entry's key must be a registered name; its ``_target_`` (optional) must be that evaluator's class.
+    """
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(entries, DictConfig):
+        entries = OmegaConf.to_container(entries, resolve=True)
+    evaluators = []
+    for name, entry in (entries or {}).items():
+        if entry is None:  # disabled: evaluators.<name>=null
+            continue
+        if name not in EVALUATORS:
+            raise ValueError(f"`{KEY}.{name}` is not an evaluator; registered: {', '.join(sorted(EVALUATORS))} "
+                             f"(pick them as evaluation=[{', '.join(sorted(EVALUATORS))}])")
+        if not isinstance(entry, dict):
+            raise TypeError(f"`{KEY}.{name}` must be a mapping of the evaluator's arguments (or null); got {entry!r}")
+        if "_target_" in entry:
+            evaluator = hydra.utils.instantiate(entry, _convert_="all")
+            if type(evaluator) is not EVALUATORS[name]:
+                raise ValueError(f"`{KEY}.{name}._target_`={entry['_target_']!r} builds a "
+                                 f"{type(evaluator).__name__}, not the evaluator registered as '{name}' "
+                                 f"({EVALUATORS[name].__module__}.{EVALUATORS[name].__qualname__})")
+        else:
+            evaluator = EVALUATORS[name](**entry)
+        evaluators.append(evaluator)
+    return evaluators
+
+
+def run_evaluators(cfg: Mapping[str, Any], objects: Mapping[str, Any], parent: nn.Module | None = None) -> dict[str, Any]:
+    """Run the configured evaluators (``cfg.evaluators``) on the tested net; returns their merged figures.
+
+    ``objects`` is ``fit_and_test``'s ``{"trainer", "module", "datamodule"}``; the net is
+    ``module.net``. Two evaluators reporting one key is an error, not a silent overwrite.
+    """
+    evaluators = build_evaluators(cfg.get(KEY))
+    figures: dict[str, Any] = {}
+    for evaluator in evaluators:
+        found = evaluator(objects["module"].net, objects["datamodule"], parent)
+        clash = sorted(set(found) & set(figures))
+        if clash:
+            raise ValueError(f"evaluator '{evaluator.name}' reports {clash}, already reported by another evaluator")
+        figures.update(found)
+    return figures
+
+
+@register_evaluator("parent_agreement")
+class ParentAgreement:
+    """Top-1 agreement of the net with its dense parent on the test set (one pass, both nets).
+
+    Reports ``retention/agreement`` (share of test images with the same top-1),
+    ``retention/agreement_on_correct`` (the same over the images the parent gets right) and
+    ``retention/parent_test_acc1``. Without a parent it logs one line and reports nothing.
+    The parent is moved to the net's device (it is a frozen copy).
+    """
+
+    def __call__(self, net: nn.Module, datamodule: Any, parent: nn.Module | None) -> dict[str, Any]:
+        if parent is None:
+            log.info("evaluation.%s: skipped, this run has no parent net (init_from, a KD teacher or a protocol's "
+                     "dense stage)", self.name)
+            return {}
+        device = next(net.parameters()).device
+        figures = evaluate(net, datamodule.test_dataloader(),
+                           [Agreement(), OnReference(ClassificationMetrics(int(datamodule.num_classes)), "parent_")],
+                           reference=parent.to(device))
+        return {"retention/agreement": figures["agreement"],
+                "retention/agreement_on_correct": figures["agreement_on_correct"],
+                "retention/parent_test_acc1": figures["parent_acc1"]}
+
+
+__all__ = ["Evaluator", "EVALUATORS", "register_evaluator", "build_evaluators", "run_evaluators", "ParentAgreement"]
