@@ -101,7 +101,7 @@ class QuantizationBase(pl.Callback):
         """Module swaps that must precede the activation points (their hooks live on the final modules)."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        require_contract(pl_module, type(self).__name__)
+        require_contract(pl_module, type(self).__name__, ('net',))
         input_size = getattr(getattr(trainer, "datamodule", None), "input_size", None)
         self.quantize_net(pl_module.net, tuple(input_size) if input_size else None)
 

@@ -53,7 +53,7 @@ class BNSparsity(pl.Callback):
         self._gammas: list[torch.Tensor] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        require_contract(pl_module, type(self).__name__)
+        require_contract(pl_module, type(self).__name__, ('net',))
         if stage == "fit":
             self._collect(pl_module.net)  # a model without BN fails here, before training
 

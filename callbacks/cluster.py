@@ -98,7 +98,7 @@ class Cluster(pl.Callback):
         return select_layers(net, self.include, self.exclude, self.skip_first_last, key=KEY)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        require_contract(pl_module, type(self).__name__)
+        require_contract(pl_module, type(self).__name__, ('net', 'replace_net', 'report_result'))
         if stage == "fit":
             self._select(pl_module.net)  # a pattern that matches no layer fails here, before training
 

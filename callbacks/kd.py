@@ -197,7 +197,7 @@ class KD(pl.Callback):
 
     # ----- surgery: teachers, loss terms, adapters --------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        require_contract(pl_module, type(self).__name__)
+        require_contract(pl_module, type(self).__name__, ('net', 'add_loss_term', 'remove_loss_term', 'set_task_loss_weight', 'register_aux_module', 'report_result', 'set_parent'))
         if stage != "fit":
             return
         student = pl_module.net

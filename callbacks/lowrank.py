@@ -84,7 +84,7 @@ class LowRank(pl.Callback):
         return {name: layer for name, layer in layers.items() if lowrank.decomposable(layer)}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        require_contract(pl_module, type(self).__name__)
+        require_contract(pl_module, type(self).__name__, ('net', 'replace_net', 'report_result'))
         if stage == "fit" and not self._select(pl_module.net):
             raise ValueError(f"{KEY}: the selected layers are all grouped convolutions, which are not decomposed")
 

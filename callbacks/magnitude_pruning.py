@@ -124,7 +124,7 @@ class MagnitudePruning(pl.Callback):
         return self.start + self.every * ((self.times if self.schedule_kind == "iterative" else 1) - 1)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        require_contract(pl_module, type(self).__name__)
+        require_contract(pl_module, type(self).__name__, ('net', 'replace_net', 'report_result'))
         if stage != "fit":
             return
         net = pl_module.net

@@ -93,7 +93,7 @@ class Slimming(pl.Callback):
         return self.at_epochs[-1]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        require_contract(pl_module, type(self).__name__)
+        require_contract(pl_module, type(self).__name__, ('net', 'replace_net', 'report_result'))
         if stage != "fit":
             return
         bns = batchnorm_layers(pl_module.net, self.include, self.exclude, KEY)

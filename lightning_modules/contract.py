@@ -47,9 +47,10 @@ def _scalar(value: Any) -> float:
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def require_contract(pl_module: Any, who: str) -> None:
-    """Refuse, before any training, a module that does not offer the contract (names what is missing)."""
-    missing = [name for name in CONTRACT if not hasattr(pl_module, name)]
+def require_contract(pl_module: Any, who: str, needs: tuple[str, ...] = CONTRACT) -> None:
+    """Refuse, before any training, a module that lacks the parts of the contract ``who`` uses (``needs``),
+    naming them."""
+    missing = [name for name in needs if not hasattr(pl_module, name)]
     if missing:
         raise TypeError(f"{who} needs a LightningModule with the compression contract, but "
                         f"{type(pl_module).__name__} lacks {', '.join(missing)}: mix "
