@@ -94,7 +94,9 @@ def bench_step(args) -> None:
         module = make_module(args.student_model, 0)
         kd = attach_kd(module, teacher_file, **kwargs) if kwargs is not None else None
         # SGD over the net and the FitNets adapters, as ClassificationModule.configure_optimizers builds it.
-        optimizer = torch.optim.SGD(list(module.net.parameters()) + list(module.aux.parameters()), lr=0.05, momentum=0.9)
+        # (a small lr: the same batch is stepped on again and again, and a timing run must not diverge,
+        # which the module's non-finite-loss check would stop)
+        optimizer = torch.optim.SGD(list(module.net.parameters()) + list(module.aux.parameters()), lr=0.002, momentum=0.9)
         runs[label] = (module, optimizer, kd)
     teacher = runs["KD (logits)"][2].teachers[0]
 
