@@ -45,7 +45,8 @@ class Metric(Protocol):
 
 
 def _check_targets(targets: torch.Tensor, num_classes: int) -> None:
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+    """Labels in range (one host sync per batch; the message's min/max only on failure)."""
+    if targets.numel() and bool(((targets < 0) | (targets >= num_classes)).any()):
         raise ValueError(f"class labels must lie in [0, {num_classes}) for {num_classes} classes; "
                          f"got labels from {int(targets.min())} to {int(targets.max())}")
 
