@@ -3,19 +3,21 @@
 Each evaluator is one small class, one ``@register_evaluator("<name>")`` entry here and one
 ``conf/evaluation/<name>.yaml`` (``# @package evaluators``, one top-level key ``<name>`` holding
 its ``_target_`` and arguments, so the config checks validate them before training). It is
-called as ``evaluator(net, datamodule, parent) -> {"<stage>/<name>": value}`` with the final
-network, the run's datamodule and the dense **parent** net (``init_from``'s network, the KD
-teacher or a protocol's dense stage; ``module.parent``) or None; it returns figures and reports
+called as ``evaluator(net, datamodule, parent, out_dir) -> {"<stage>/<name>": value}`` with the
+final network, the run's datamodule, the dense **parent** net (``init_from``'s network, the KD
+teacher or a protocol's dense stage; ``module.parent``) or None, and the run folder (or None)
+for files it writes (ids, PNGs; their names go in the figures). It returns figures and reports
 nothing itself (the pipeline merges them into results.json).
 
-This is where knowledge retention (issue 12) plugs in: ``retention`` (KL/JS to the parent,
-forgetting, per-class change, calibration), ``robustness`` and ``saliency`` are further
-evaluators of this shape, built on ``evaluation.evaluate.evaluate`` and the paired metrics of
-``evaluation/metrics.py``.
+Evaluators live one per module (``evaluation/retention.py``, ``robustness.py``, ``saliency.py``,
+``cost.py``), built on ``evaluation.evaluate.evaluate`` and the metrics of ``evaluation/metrics.py``;
+``BUILTIN`` below imports them so that they register.
 """
 from __future__ import annotations
 
+import importlib
 import logging
+from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 from torch import nn
@@ -29,14 +31,29 @@ KEY = "evaluators"  # where conf/evaluation/*.yaml land (# @package evaluators)
 
 @runtime_checkable
 class Evaluator(Protocol):
-    """``evaluator(net, datamodule, parent) -> {key: value}``; ``parent`` is the dense parent net or None."""
+    """``evaluator(net, datamodule, parent, out_dir) -> {key: value}``; ``parent`` is the dense parent
+    net or None, ``out_dir`` the run folder for the files it writes (None: write none)."""
 
     name: str
 
-    def __call__(self, net: nn.Module, datamodule: Any, parent: nn.Module | None) -> dict[str, Any]: ...
+    def __call__(self, net: nn.Module, datamodule: Any, parent: nn.Module | None,
+                 out_dir: Path | None = None) -> dict[str, Any]: ...
 
 
 EVALUATORS: dict[str, type] = {}
+# modules whose evaluators register themselves (imported on first use: they import this module)
+BUILTIN = ("netcompress.evaluation.retention", "netcompress.evaluation.robustness",
+           "netcompress.evaluation.saliency", "netcompress.evaluation.cost")
+
+
+def load_builtin() -> None:
+    """Import the built-in evaluator modules that exist (each registers its evaluators)."""
+    for module in BUILTIN:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
 
 
 def register_evaluator(name: str) -> Callable[[type], type]:
@@ -58,6 +75,7 @@ def build_evaluators(entries: Mapping[str, Any] | None) -> list[Evaluator]:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
+    load_builtin()
     if isinstance(entries, DictConfig):
         entries = OmegaConf.to_container(entries, resolve=True)
     evaluators = []
@@ -81,16 +99,20 @@ def build_evaluators(entries: Mapping[str, Any] | None) -> list[Evaluator]:
     return evaluators
 
 
-def run_evaluators(cfg: Mapping[str, Any], objects: Mapping[str, Any], parent: nn.Module | None = None) -> dict[str, Any]:
+def run_evaluators(cfg: Mapping[str, Any], objects: Mapping[str, Any], parent: nn.Module | None = None,
+                   out_dir: Path | None = None) -> dict[str, Any]:
     """Run the configured evaluators (``cfg.evaluators``) on the tested net; returns their merged figures.
 
     ``objects`` is ``fit_and_test``'s ``{"trainer", "module", "datamodule"}``; the net is
-    ``module.net``. Two evaluators reporting one key is an error, not a silent overwrite.
+    ``module.net``; ``out_dir`` the run folder for their files. Two evaluators reporting one key
+    is an error, not a silent overwrite.
     """
     evaluators = build_evaluators(cfg.get(KEY))
     figures: dict[str, Any] = {}
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     for evaluator in evaluators:
-        found = evaluator(objects["module"].net, objects["datamodule"], parent)
+        found = evaluator(objects["module"].net, objects["datamodule"], parent, out_dir)
         clash = sorted(set(found) & set(figures))
         if clash:
             raise ValueError(f"evaluator '{evaluator.name}' reports {clash}, already reported by another evaluator")
@@ -108,7 +130,8 @@ class ParentAgreement:
     The parent is moved to the net's device (it is a frozen copy).
     """
 
-    def __call__(self, net: nn.Module, datamodule: Any, parent: nn.Module | None) -> dict[str, Any]:
+    def __call__(self, net: nn.Module, datamodule: Any, parent: nn.Module | None,
+                 out_dir: Path | None = None) -> dict[str, Any]:
         if parent is None:
             log.info("evaluation.%s: skipped, this run has no parent net (init_from, a KD teacher or a protocol's "
                      "dense stage)", self.name)
@@ -122,4 +145,4 @@ class ParentAgreement:
                 "retention/parent_test_acc1": figures["parent_acc1"]}
 
 
-__all__ = ["Evaluator", "EVALUATORS", "register_evaluator", "build_evaluators", "run_evaluators", "ParentAgreement"]
+__all__ = ["Evaluator", "EVALUATORS", "BUILTIN", "load_builtin", "register_evaluator", "build_evaluators", "run_evaluators", "ParentAgreement"]

@@ -8,6 +8,7 @@ the entry point can print it as one line.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
@@ -30,6 +31,15 @@ def set_start(module, start: torch.nn.Module | None) -> None:
         module.net.load_state_dict(start.state_dict())
     else:  # a thinner network (structured pruning)
         module.replace_net(start)
+
+
+def run_folder(cfg: DictConfig) -> Path | None:
+    """This run's folder (``paths.output_dir``) for the evaluators' files; None outside a Hydra run."""
+    try:
+        folder = cfg.paths.output_dir
+    except Exception:  # noqa: BLE001 - ${hydra:...} does not resolve outside a Hydra app
+        return None
+    return Path(folder) if folder else None
 
 
 def val_metrics(trainer: pl.Trainer) -> dict[str, float]:
@@ -69,5 +79,5 @@ def fit_and_test(cfg: DictConfig, start: torch.nn.Module | None = None, callback
     results.update(module.extra_results)
     objects = {"trainer": trainer, "module": module, "datamodule": datamodule}
     if test and trainer.is_global_zero:
-        results.update(run_evaluators(cfg, objects, module.parent))
+        results.update(run_evaluators(cfg, objects, module.parent, run_folder(cfg)))
     return results, objects
