@@ -9,8 +9,13 @@ band, the unpruned dense nets as a dashed line) and ``acc_vs_flops.png`` (the sa
 the FLOPs of one forward pass, counting only unpruned weights). Failed or killed jobs (a job
 folder without ``results.json``) are listed in the report, never dropped silently. The std is
 the sample standard deviation (n - 1), blank for n = 1. The layout follows the figures of
-Frankle & Carbin 2019 and Liu et al. 2019. ``ReportOnMultirun`` (a Hydra callback that
-conf/hydra/default.yaml enables) writes the same report into the sweep folder when a multirun ends.
+Frankle & Carbin 2019 and Liu et al. 2019. When the runs have the evaluators' keys it also draws
+what the compressed nets kept of their parents (Hooker et al. 2019, "What do compressed deep
+neural networks forget?"): ``retention_vs_<ratio>.png`` (agreement, forgetting and corruption
+accuracy against the parameter and FLOPs compression ratios, one line per technique, mean +- std
+over seeds) and ``per_class_forgetting.png`` (technique x class heat map). ``ReportOnMultirun``
+(a Hydra callback that conf/hydra/default.yaml enables) writes the same report into the sweep
+folder when a multirun ends.
 """
 from __future__ import annotations
 
@@ -32,6 +37,19 @@ log = logging.getLogger(__name__)
 RESULTS = "results.json"
 OUTPUTS = ("report.md", "report.csv", "acc_vs_remaining.png", "acc_vs_flops.png")
 DENSE_LABEL = "dense (unpruned)"
+# Retention vs compression (drawn only when the runs have the keys; evaluation/retention.py, robustness.py, cost.py)
+RETENTION_Y = {"retention/agreement": "agreement with the parent (top-1)",
+               "retention/forgetting": "forgetting (parent-correct lost)",
+               "robust/corruption_acc": "corruption accuracy"}
+COMPRESSION_X = {  # x key -> (axis label, file name)
+    "cost/params_ratio": ("compression ratio (parent / child parameters), log scale", "retention_vs_params_ratio.png"),
+    "cost/nonzero_params_ratio": ("compression ratio (parent / child non-zero parameters), log scale",
+                                  "retention_vs_nonzero_params_ratio.png"),
+    "cost/flops_ratio": ("FLOPs reduction (parent / child FLOPs), log scale", "retention_vs_flops_ratio.png"),
+}
+PER_CLASS_FORGETTING = "retention/per_class_forgetting"
+HEATMAP_FILE = "per_class_forgetting.png"
+PLOT_KEYS = (*RETENTION_Y, *COMPRESSION_X, PER_CLASS_FORGETTING)
 
 
 def _get(config: dict, dotted: str) -> Any:
@@ -70,7 +88,23 @@ def _row(path: Path, r: dict) -> dict:
         # whole-net fractions of the dense parent (structured pruning: not the kept-filter fraction)
         "params_fraction": _fraction(r.get("params_nonzero"), r.get("lottery/dense_params")),
         "flops_fraction": r.get("lottery/flops_fraction"),
+        "setting": _setting(path.parent), "extra": {key: r[key] for key in PLOT_KEYS if r.get(key) is not None},
     }
+
+
+def _setting(job: Path) -> tuple[str, ...]:
+    """The job's command-line overrides except its seed (``.hydra/overrides.yaml``): jobs that differ only
+    in seed share a setting, and the retention plots average over them. Empty without the file."""
+    path = job / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return ()
+    from omegaconf import OmegaConf
+
+    try:
+        overrides = OmegaConf.to_container(OmegaConf.load(path)) or []
+    except Exception:  # noqa: BLE001 - an unreadable file: group by label and sparsity only
+        return ()
+    return tuple(sorted(str(o) for o in overrides if str(o).lstrip("+~").split("=")[0] != "seed"))
 
 
 def _job_dirs(root: Path) -> Iterable[Path]:
@@ -207,7 +241,7 @@ def write_csv(table: list[dict], path: Path) -> None:
 
 
 def write_markdown(table: list[dict], failed: list[dict], path: Path, title: str, root: Path,
-                   pairs: list[dict] = ()) -> None:
+                   pairs: list[dict] = (), figures: Iterable[str] = ()) -> None:
     lines = [f"# {title}", "", f"Sweep folder: `{root}`; regenerate with `python report.py {root}`.", "",
              "Test top-1 accuracy (%), mean +- sample std over seeds (n runs), and the half-width of its 95% "
              "confidence interval (Student t). *Pruned layers*: the kept "
@@ -233,6 +267,10 @@ def write_markdown(table: list[dict], failed: list[dict], path: Path, title: str
             lo, hi = d["diff_mean"] - (d["diff_ci95"] or 0.0), d["diff_mean"] + (d["diff_ci95"] or 0.0)
             lines.append(f"| {100 * (1 - d['sparsity']):.1f}% | {d['a']} | {d['b']} | {d['n']} "
                          f"| {100 * d['diff_mean']:+.2f}{std} | [{100 * lo:+.2f}, {100 * hi:+.2f}] |")
+    figures = list(figures)
+    if figures:
+        lines += ["", "What the compressed nets kept of their parents (mean +- std over seeds; Hooker et al. 2019):", ""]
+        lines += [f"![{name}]({name})" for name in figures]
     lines += ["", f"Failed jobs: {len(failed)}"]
     lines += [f"- `{f['dir']}`: {f['error'].splitlines()[0] if f['error'] else ''}" for f in failed]
     path.write_text("\n".join(lines) + "\n")
@@ -278,10 +316,164 @@ def _plot(table: list[dict], x_key: str, xlabel: str, path: Path, title: str, in
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # runs without FLOPs figures draw no line
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ----- retention vs compression (Hooker et al. 2019) ------------------------------------------
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _settings(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Rows grouped by setting: (label, sparsity, overrides but seed); each group's rows are its seeds."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["label"], round(row["sparsity"], 4), row.get("setting", ()))].append(row)
+    return groups
+
+
+def _setting_names(keys: Iterable[tuple]) -> dict[tuple, str]:
+    """A row name per setting: the technique label, plus what tells its settings apart (the differing
+    overrides, else the sparsity) when the technique has more than one."""
+    by_label: dict[str, list[tuple]] = defaultdict(list)
+    for key in keys:
+        by_label[key[0]].append(key)
+    names = {}
+    for label, group in by_label.items():
+        common = set.intersection(*(set(k[2]) for k in group))
+        for key in group:
+            parts = [o.removeprefix(f"callbacks.{label}.") for o in key[2] if o not in common] if len(group) > 1 else []
+            if not parts and len({k[1] for k in group}) > 1:
+                parts = [f"sparsity={key[1]:g}"]
+            names[key] = f"{label} ({', '.join(parts)})" if parts else label
+    return names
+
+
+def compression_curves(rows: list[dict], x_key: str, y_key: str) -> dict[str, list[dict]]:
+    """Per technique (label): one point per setting, over the seeds that report both keys: x (mean of
+    ``x_key``), y_mean, y_std (sample std, None for n = 1) and n; sorted by x."""
+    curves: dict[str, list[dict]] = defaultdict(list)
+    for (label, _, _), members in _settings(rows).items():
+        pairs = [(float(m["extra"][x_key]), float(m["extra"][y_key])) for m in members
+                 if _finite(m["extra"].get(x_key)) and _finite(m["extra"].get(y_key))]
+        if not pairs:
+            continue
+        y_mean, y_std = _stats([y for _, y in pairs])
+        curves[label].append({"x": statistics.fmean(x for x, _ in pairs), "y_mean": y_mean, "y_std": y_std,
+                              "n": len(pairs)})
+    return {label: sorted(points, key=lambda p: p["x"]) for label, points in sorted(curves.items())}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_retention_vs_compression(rows: list[dict], x_key: str, path: Path, title: str):
+    """One panel per retention metric the runs report (RETENTION_Y) against ``x_key``, one errorbar line
+    per technique (mean +- std over seeds); writes ``path`` and returns the figure, or None (no data)."""
+    panels = {y: curves for y in RETENTION_Y if (curves := compression_curves(rows, x_key, y))}
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    for ax, (y_key, curves) in zip(axes[0], panels.items()):
+        xs_all = []
+        for label, points in curves.items():
+            xs = [p["x"] for p in points]
+            xs_all += xs
+            ax.errorbar(xs, [p["y_mean"] for p in points], yerr=[p["y_std"] or 0.0 for p in points],
+                        marker="o", capsize=3, label=label)
+        if xs_all and min(xs_all) > 0:
+            from matplotlib.ticker import FuncFormatter
+
+            ax.set_xscale("log")
+            plain = FuncFormatter(lambda v, _: f"{v:.3g}")  # 2, 5, 10 rather than 2x10^0
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(plain)
+        ax.set_xlabel(COMPRESSION_X[x_key][0], fontsize=8)
+        ax.set_ylabel(RETENTION_Y[y_key])
+        ax.set_title(y_key, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return fig
+
+
+def forgetting_matrix(rows: list[dict]) -> tuple[list[str], list[list[float]]]:
+    """(row names, technique x class matrix) of ``retention/per_class_forgetting``, mean over seeds per
+    setting (NaN where no seed has a value; a shorter class list is padded with NaN)."""
+    import numpy as np
+
+    groups = _settings(rows)
+    names = _setting_names(groups)
+    found = []
+    for key, members in sorted(groups.items(), key=lambda kv: names[kv[0]]):
+        lists = [m["extra"][PER_CLASS_FORGETTING] for m in members if isinstance(m["extra"].get(PER_CLASS_FORGETTING), list)]
+        if lists:
+            found.append((names[key], lists))
+    if not found:
+        return [], []
+    width = max(len(v) for _, lists in found for v in lists)
+    matrix = []
+    for _, lists in found:
+        block = np.full((len(lists), width), np.nan)
+        for i, values in enumerate(lists):
+            block[i, :len(values)] = [np.nan if v is None else float(v) for v in values]
+        counts = (~np.isnan(block)).sum(0)
+        means = np.where(counts > 0, np.nansum(block, 0) / np.maximum(counts, 1), np.nan)
+        matrix.append(means.tolist())
+    return [name for name, _ in found], matrix
+
+
+def plot_forgetting_heatmap(rows: list[dict], path: Path, title: str):
+    """Technique x class heat map of the per-class forgetting (mean over seeds); writes ``path`` and
+    returns the figure, or None when no run reports it."""
+    import numpy as np
+
+    names, matrix = forgetting_matrix(rows)
+    if not names:
+        return None
+    plt = _pyplot()
+    data = np.array(matrix, dtype=float)
+    n_rows, n_classes = data.shape
+    label_width = 0.07 * max(len(name) for name in names)  # inches of the row names at fontsize 7
+    fig, ax = plt.subplots(figsize=(min(label_width + 2.5 + 0.3 * n_classes, 24), 1.8 + 0.3 * n_rows))
+    image = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap="magma_r", vmin=0.0,
+                      vmax=max(float(np.nanmax(data)) if np.isfinite(data).any() else 1.0, 1e-12))
+    ax.set_yticks(range(n_rows), names, fontsize=7)
+    if n_classes <= 40:
+        ax.set_xticks(range(n_classes))
+        ax.tick_params(axis="x", labelsize=7)
+    ax.set_xlabel("class")
+    ax.set_title(f"{title}: per-class forgetting", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02).set_label("parent-correct examples lost", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return fig
+
+
+def retention_plots(rows: list[dict], out: Path, title: str) -> list[Path]:
+    """The retention figures whose keys the runs report (none when absent); returns the paths written."""
+    written = []
+    for x_key, (_, name) in COMPRESSION_X.items():
+        if plot_retention_vs_compression(rows, x_key, out / name, title) is not None:
+            written.append(out / name)
+    if plot_forgetting_heatmap(rows, out / HEATMAP_FILE, title) is not None:
+        written.append(out / HEATMAP_FILE)
+    return written
 
 
 def make_report(root: str | Path, out: str | Path | None = None, title: str | None = None) -> list[Path]:
@@ -293,11 +485,12 @@ def make_report(root: str | Path, out: str | Path | None = None, title: str | No
     title = title or f"Pruning report: {root.name}"
     table = aggregate(rows)
     paths = [out / name for name in OUTPUTS]
-    write_markdown(table, failed, paths[0], title, root, paired_differences(rows))
-    write_csv(table, paths[1])
     _plot(table, "remaining", "weights remaining (%) of the pruned layers, log scale", paths[2], title, invert=True)
     _plot(table, "flops_mean", "MFLOPs per image (unpruned weights only), log scale", paths[3], title, invert=True)
-    return paths
+    extra = retention_plots(rows, out, title)
+    write_markdown(table, failed, paths[0], title, root, paired_differences(rows), figures=[p.name for p in extra])
+    write_csv(table, paths[1])
+    return paths + extra
 
 
 class ReportOnMultirun(Callback):

@@ -26,8 +26,9 @@ from netcompress.pipeline import resolvers  # noqa: F401  (${launch_dir:} in con
 from netcompress.evaluation import model_stats, provenance
 from netcompress.evaluation.results import new_results, write_results
 from netcompress.models.serialization import save_model
-from netcompress.pipeline.build import model_kwargs
+from netcompress.pipeline.build import apply_threads, model_kwargs
 from netcompress.pipeline.fit import fit_and_test
+from netcompress.pipeline.wandb_config import log_run_end
 
 
 def measure(module, datamodule, output_dir: Path, cfg: DictConfig) -> dict:
@@ -89,6 +90,7 @@ def _install_signal_handlers(handlers: dict | None) -> dict | None:
 def run(cfg: DictConfig) -> dict:
     """train() wrapped so that results.json is written whatever happens (rank 0 only)."""
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    apply_threads(cfg)  # before provenance records torch_threads
     results = new_results(cfg.seed, cfg.model.name, OmegaConf.to_container(cfg, resolve=True), provenance.collect())
     objects: dict = {}
     if rank_zero_only.rank == 0:
@@ -109,8 +111,8 @@ def run(cfg: DictConfig) -> dict:
         _install_signal_handlers(previous_handlers)
     write_results(output_dir, results)
     for logger in objects["trainer"].loggers:
-        if type(logger).__name__ == "WandbLogger":
-            logger.experiment.summary.update({k: v for k, v in results.items() if not isinstance(v, (dict, list))})
+        if type(logger).__name__ == "WandbLogger":  # summary, per-class table, saliency grid
+            log_run_end(logger.experiment, results, output_dir)
     print_summary(results)
     return results
 

@@ -5,7 +5,8 @@ Connections"); structured: the output filters of smallest L1/L2 norm (Li et al. 
 Filters for Efficient ConvNets"), or any criterion of the ``compression.importance`` registry;
 gradual: Zhu & Gupta 2017 ("To prune, or not to prune") cubic schedule. Masks come from
 ``compression.masks`` (identical to ``torch.nn.utils.prune``), the schedule from
-``compression.pruning_schedules`` (a pure function of ``global_step``).
+``compression.pruning_schedules`` (a pure function of ``global_step``). N:M semi-structured (2:4
+sparse tensor cores; Mishra et al. 2021) and block sparsity (Narang et al. 2017): ``compression.patterns``.
 
 Hot path: after every optimizer step one fused ``_foreach_mul_`` multiplies the pruned weights
 and their momentum / Adam buffers by pre-cast float masks kept on the device (no forward hooks,
@@ -16,22 +17,26 @@ checkpoint; the schedule position is derived from ``global_step``.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from netcompress.compression.importance import check_applies, check_importance
+from netcompress.compression.calibration import calibrated, train_batches
+from netcompress.compression.importance import check_applies, check_importance, check_per_weight, get_criterion
 from netcompress.compression.layer_selection import first_and_last, first_match, select_layers, unmatched_patterns
-from netcompress.compression.masks import (SCOPES, check_choice, check_sparsity, enforce_masks_,
+from netcompress.compression.masks import (ROUNDINGS, SCOPES, check_choice, check_round_to, check_sparsity, enforce_masks_,
                                expand_filter_mask, sparsity_of, structured_masks, unstructured_masks)
 from netcompress.compression.checks import check_int
+from netcompress.compression.patterns import (block_masks, check_block, check_block_layers, check_nm,
+                                              check_nm_args, check_nm_layers, nm_masks)
 from netcompress.compression.pruning_schedules import SCHEDULES, PruningSchedule
 from netcompress.compression.sparse_storage import storage_bytes
 from netcompress.lightning_modules.contract import require_contract
 
-GRANULARITIES = ("unstructured", "structured")
+GRANULARITIES = ("unstructured", "structured", "nm", "block")
 UNITS = ("epoch", "step")
 KEY = "callbacks.magnitude_pruning"
 
@@ -41,9 +46,17 @@ class MagnitudePruning(pl.Callback):
 
     Args:
         sparsity: final fraction of pruned weights (unstructured) or filters (structured), in [0, 1).
-        granularity: ``unstructured`` (single weights) or ``structured`` (whole output filters).
+        granularity: ``unstructured`` (single weights), ``structured`` (whole output filters), ``nm``
+            (keep ``n`` of every ``m`` consecutive input-channel weights; ``sparsity`` must be
+            ``1 - n/m``; order in ``compression/patterns.py``) or ``block`` (whole ``block`` tiles of
+            the ``[out, in*kh*kw]`` weight view).
         importance: a criterion of the ``compression.importance`` registry: ``l1`` (|w|, filter L1
-            norm), ``l2`` (w^2, filter L2 norm), or any other registered for Conv2d/Linear weights.
+            norm), ``l2`` (w^2, filter L2 norm), or any other registered for Conv2d/Linear weights;
+            ``activation`` / ``apoz`` (per filter: structured only), ``taylor`` and ``random`` are scored
+            from a calibration pass at each pruning event (``compression/calibration.py``).
+        calibration_batches: training batches the data-driven criteria (activation, apoz, taylor) see
+            at each pruning event (forward passes in eval mode, + backward for taylor; no step).
+        seed: seed of importance=random (the same seed gives the same masks); other criteria ignore it.
         scope: ``global`` (one threshold over all selected layers) or ``layer`` (same fraction per layer).
         schedule: ``oneshot`` (at ``start``), ``iterative`` (``times`` prunings every ``every``, each
             removing the same fraction of what remains, reaching ``sparsity``) or ``agp`` (cubic from
@@ -57,6 +70,13 @@ class MagnitudePruning(pl.Callback):
         layer_sparsity: ``{pattern: sparsity}`` overrides for the layers whose names match (first
             matching pattern wins; others use ``sparsity``): per-stage ratios as in Li et al.
             Needs scope=layer and schedule=oneshot.
+        n, m: granularity=nm: keep ``n`` of every ``m`` weights (2:4 for sparse tensor cores); gradual
+            schedules prune ``round(s_t * m)`` per group at target ``s_t``, ending at ``m - n``.
+        block: granularity=block: ``[rows, cols]`` of a pruned tile of the ``[out, in*kh*kw]`` view.
+        rounding: structured, scope=layer: filters pruned per layer, ``nearest`` (round(ratio * n)) or
+            ``keep_floor`` (keep int((1 - ratio) * n), the Li et al. / Rethinking authors' scripts).
+        round_to: structured: round each layer's kept filter count down to a multiple of this (e.g. 8
+            for hardware-friendly widths; at least one multiple); null = no rounding.
     """
 
     # rules: pipeline/combinations.py; remove_filters=true also makes the network thinner
@@ -67,11 +87,17 @@ class MagnitudePruning(pl.Callback):
                  scope: str = "global", schedule: str = "oneshot", unit: str = "epoch", start: int = 0,
                  end: int | None = None, every: int = 1, times: int = 1, initial_sparsity: float = 0.0,
                  include: Sequence[str] = ("*",), exclude: Sequence[str] = (), skip_first_last: bool = True,
-                 remove_filters: bool = False, layer_sparsity: Mapping[str, float] | None = None) -> None:
+                 remove_filters: bool = False, layer_sparsity: Mapping[str, float] | None = None,
+                 rounding: str = "nearest", round_to: int | None = None, n: int = 2, m: int = 4,
+                 block: Sequence[int] = (1, 4), calibration_batches: int = 8, seed: int = 0) -> None:
         super().__init__()
         self.sparsity = check_sparsity(sparsity, f"`{KEY}.sparsity`")
         self.granularity = check_choice(granularity, GRANULARITIES, f"`{KEY}.granularity`")
         self.importance = check_importance(importance, f"`{KEY}.importance`")
+        if granularity != "structured":  # activation / apoz rank whole filters only
+            check_per_weight(self.importance, f"`{KEY}.importance`")
+        self.calibration_batches = check_int(calibration_batches, f"{KEY}.calibration_batches", 1)
+        self.seed = check_int(seed, f"{KEY}.seed", 0)
         self.scope = check_choice(scope, SCOPES, f"`{KEY}.scope`")
         self.schedule_kind = check_choice(schedule, SCHEDULES, f"`{KEY}.schedule`")
         self.unit = check_choice(unit, UNITS, f"`{KEY}.unit`")
@@ -105,6 +131,24 @@ class MagnitudePruning(pl.Callback):
         if self.layer_sparsity and (scope != "layer" or schedule != "oneshot"):
             raise ValueError(f"`{KEY}.layer_sparsity` needs scope=layer and schedule=oneshot; "
                              f"got scope={scope!r}, schedule={schedule!r}")
+        self.rounding = check_choice(rounding, ROUNDINGS, f"`{KEY}.rounding`")
+        self.round_to = check_round_to(round_to, f"`{KEY}.round_to`")
+        if (self.rounding != "nearest" or self.round_to) and granularity != "structured":
+            raise ValueError(f"`{KEY}.rounding`/`round_to` set filter counts, so they need granularity=structured; "
+                             f"got granularity={granularity!r} (rounding={rounding!r}, round_to={round_to!r})")
+        if self.rounding != "nearest" and scope != "layer":
+            raise ValueError(f"`{KEY}.rounding`={rounding!r} sets each layer's filter count, so it needs "
+                             f"scope=layer; got scope={scope!r}")
+        self.n, self.m = check_nm_args(n, m, f"{KEY}.")
+        self.block = check_block(block, f"{KEY}.block")
+        if granularity == "nm":
+            if not math.isclose(self.sparsity, 1.0 - self.n / self.m):
+                raise ValueError(f"`{KEY}.sparsity` must be 1 - n/m = {1.0 - self.n / self.m} with granularity=nm "
+                                 f"(n={self.n}, m={self.m}: the schedule ends at m - n pruned per group); "
+                                 f"got {sparsity!r}")
+            if self.layer_sparsity:
+                raise ValueError(f"`{KEY}.layer_sparsity` does not apply to granularity=nm (every layer is "
+                                 f"{self.n}:{self.m}); got {dict(self.layer_sparsity)}")
         self.masks: dict[str, torch.Tensor] = {}  # bool keep-masks: weight-shaped, or [out] if structured
         self._layers: dict[str, nn.Module] = {}
         self._norms: dict[str, str] = {}
@@ -131,6 +175,10 @@ class MagnitudePruning(pl.Callback):
         self._net = net
         self._layers = select_layers(net, self.include, self.exclude, self.skip_first_last, key=KEY)
         check_applies(self.importance, self._layers, f"`{KEY}.importance`")
+        if self.granularity == "nm":
+            check_nm_layers(self._layers, self.m, KEY)
+        elif self.granularity == "block":
+            check_block_layers(self._layers, self.block, KEY)
         for pattern in unmatched_patterns(self.layer_sparsity, self._layers):
             raise ValueError(f"`{KEY}.layer_sparsity`: pattern '{pattern}' matches no selected layer; "
                              f"selected: {', '.join(list(self._layers)[:12])}")
@@ -184,14 +232,22 @@ class MagnitudePruning(pl.Callback):
 
     # ----- the schedule --------------------------------------------------------------------------
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float, log: bool = True) -> None:
-        make = unstructured_masks if self.granularity == "unstructured" else structured_masks
+        make = unstructured_masks if self.granularity == "unstructured" else \
+            partial(structured_masks, rounding=self.rounding, round_to=self.round_to)
+        if self.granularity == "nm":  # compression/patterns.py
+            make = partial(nm_masks, n=self.n, m=self.m)
+        elif self.granularity == "block":
+            make = partial(block_masks, block=self.block)
         groups: dict[float, dict[str, nn.Module]] = {}  # layers sharing one target sparsity
         for name, layer in self._layers.items():
             groups.setdefault(first_match(name, self.layer_sparsity, target), {})[name] = layer
         masks = {}
-        for value, layers in groups.items():
-            masks.update(make(layers, value, scope=self.scope, importance=self.importance,
-                              previous={n: self.masks[n] for n in layers if n in self.masks} or None))
+        loader = train_batches(trainer) if get_criterion(self.importance).needs_data else None
+        with calibrated(pl_module.net, self._layers, self.importance, loader, self.calibration_batches, self.seed,
+                        key=f"{KEY}.calibration_batches", seed_key=f"{KEY}.seed"):
+            for value, layers in groups.items():
+                masks.update(make(layers, value, scope=self.scope, importance=self.importance,
+                                  previous={n: self.masks[n] for n in layers if n in self.masks} or None))
         self.masks = {name: masks[name] for name in self._layers}
         self._prepare_masks(pl_module)
         enforce_masks_(self._params, self._float_masks, trainer.optimizers[0] if trainer.optimizers else None)
@@ -243,6 +299,7 @@ class MagnitudePruning(pl.Callback):
         if not self.masks:
             return
         self._report(pl_module)
+        self._report_pattern(pl_module)
         if self.remove_filters:
             from netcompress.compression.channel_removal import example_input, remove_channels
 
@@ -265,7 +322,7 @@ class MagnitudePruning(pl.Callback):
 
     def global_sparsity(self) -> float:
         """Pruned fraction of the selected weights (structured: filters weighted by their size)."""
-        if self.granularity == "unstructured":
+        if self.granularity != "structured":  # weight-shaped masks
             return sparsity_of(self.masks)
         modules = {n: m for n, m in self._layers.items()}
         total = sum(modules[n].weight.numel() for n in self.masks)
@@ -279,6 +336,21 @@ class MagnitudePruning(pl.Callback):
         pl_module.report_result("compress/size_dense_bytes", storage_bytes(state, "dense"))
         pl_module.report_result("compress/size_bitmask_bytes", storage_bytes(state, "bitmask"))
         pl_module.report_result("compress/size_csr_bytes", storage_bytes(state, "csr"))
+
+    def _report_pattern(self, pl_module: pl.LightningModule) -> None:
+        """The sparsity pattern in results.json; with nm, the exported weights checked against it."""
+        pl_module.report_result("compress/granularity", self.granularity)
+        if self.granularity == "block":
+            pl_module.report_result("compress/block", list(self.block))
+        if self.granularity != "nm":
+            return
+        modules = dict(pl_module.net.named_modules())
+        broken = [name for name in self.masks if not check_nm(modules[name].weight, self.n, self.m)]
+        if broken:
+            raise RuntimeError(f"`{KEY}`: layers {broken} break the {self.n}:{self.m} pattern after training "
+                               "(more than n non-zeros in a group); the masks were not enforced")
+        pl_module.report_result("compress/nm", f"{self.n}:{self.m}")
+        pl_module.report_result("compress/nm_pattern_ok", True)
 
     # ----- checkpoint ----------------------------------------------------------------------------
     @property

@@ -18,7 +18,9 @@ from torch import nn
 
 from netcompress.compression.batchnorm import batchnorm_layers
 from netcompress.compression.channel_removal import check_removable, example_input, remove_channels
-from netcompress.compression.importance import check_applies, check_importance, score
+from netcompress.compression.calibration import calibrated, train_batches
+from netcompress.compression.checks import check_int
+from netcompress.compression.importance import check_applies, check_importance, get_criterion, score
 from netcompress.compression.masks import check_sparsity, masks_from_scores
 from netcompress.lightning_modules.contract import require_contract
 
@@ -52,7 +54,12 @@ class Slimming(pl.Callback):
             The paper's recipe: trainer.max_epochs=200, at_epochs=[160].
         criterion: per-channel importance from the ``compression.importance`` registry: ``bn_gamma``
             (|BN scale|, the paper) or ``bn_variance`` (BN running variance); ``gamma`` and
-            ``running_var`` are accepted as their older names.
+            ``running_var`` are accepted as their older names. Also ``bn_mean_variance``, and from a
+            calibration pass over ``calibration_batches`` training batches ``activation`` (mean |BN
+            output|), ``apoz`` (1 - APoZ of the ReLU after the BN), ``taylor`` (|gamma G_gamma + beta
+            G_beta|, Molchanov et al. 2019) or the seeded ``random`` baseline.
+        calibration_batches: training batches the data-driven criteria see at each pass (eval mode).
+        seed: seed of criterion=random (the same seed gives the same channels).
         min_channels: channels every BN layer keeps at least (so no layer empties).
         finetune_lr: learning rate of the rebuilt optimizer (null keeps the configured one).
         include/exclude: module-name patterns of the BatchNorm layers whose channels may go.
@@ -62,7 +69,8 @@ class Slimming(pl.Callback):
 
     def __init__(self, prune_ratio: float | Sequence[float] = 0.7, at_epochs: Sequence[int] = (160,),
                  criterion: str = "bn_gamma", min_channels: int = 1, finetune_lr: float | None = None,
-                 include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> None:
+                 include: Sequence[str] = ("*",), exclude: Sequence[str] = (), calibration_batches: int = 8,
+                 seed: int = 0) -> None:
         super().__init__()
         if isinstance(at_epochs, int) or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1
                                                  for e in at_epochs) or not at_epochs:
@@ -75,6 +83,8 @@ class Slimming(pl.Callback):
                              f"({len(self.at_epochs)}); got {prune_ratio!r}")
         self.prune_ratios = [check_sparsity(r, f"`{KEY}.prune_ratio`") for r in ratios]
         self.criterion = check_importance(criterion, f"`{KEY}.criterion`", CRITERION_ALIASES)
+        self.calibration_batches = check_int(calibration_batches, f"{KEY}.calibration_batches", 1)
+        self.seed = check_int(seed, f"{KEY}.seed", 0)
         if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
             raise ValueError(f"`{KEY}.min_channels` must be an int >= 1; got {min_channels!r}")
         self.min_channels = min_channels
@@ -115,7 +125,10 @@ class Slimming(pl.Callback):
     def slim(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio: float, finetune: bool) -> None:
         net = pl_module.net
         bns = batchnorm_layers(net, self.include, self.exclude, KEY)
-        keep = slimming_masks(bns, ratio, self.criterion, self.min_channels)
+        loader = train_batches(trainer) if get_criterion(self.criterion).needs_data else None
+        with calibrated(net, bns, self.criterion, loader, self.calibration_batches, self.seed,
+                        key=f"{KEY}.calibration_batches", seed_key=f"{KEY}.seed"):
+            keep = slimming_masks(bns, ratio, self.criterion, self.min_channels)
         before = sum(p.numel() for p in net.parameters())
         channels_before = sum(m.numel() for m in keep.values())
         thin = remove_channels(net, keep, example_input(net, getattr(trainer.datamodule, "input_size", None)))

@@ -6,6 +6,13 @@ for Efficient ConvNets"). ``masks_from_scores`` turns any scores into masks. Sco
 global threshold over all selected layers or the same fraction per layer. Sparsity is exact:
 ``round(sparsity * n)`` entries are pruned, the lowest scores first with ties broken by position,
 exactly as ``torch.nn.utils.prune`` does. Already-pruned entries stay pruned (masks only shrink).
+
+Filter counts (structured, scope=layer) follow a documented ``rounding`` rule: ``nearest`` prunes
+``round(ratio * n)`` (torch.nn.utils.prune), ``keep_floor`` keeps ``int((1 - ratio) * n)`` as the
+authors' L1-norm pruning scripts do (Liu et al. 2019 repo, ``res56prune.py``: 2/4/7 of 16/32/64
+filters pruned at ratio 0.1, where ``nearest`` prunes 2/3/6). ``round_to`` then rounds each
+layer's kept count down to a multiple (hardware-friendly widths; Torch-Pruning's ``round_to``),
+never below one multiple.
 """
 from __future__ import annotations
 
@@ -16,6 +23,41 @@ import torch
 from netcompress.compression.importance import filter_scores, score
 
 SCOPES = ("global", "layer")
+ROUNDINGS = ("nearest", "keep_floor")
+
+
+def pruned_count(n: int, ratio: float, rounding: str = "nearest") -> int:
+    """Entries of ``n`` pruned at ``ratio`` under ``rounding`` (see the module docstring)."""
+    check_choice(rounding, ROUNDINGS, "rounding")
+    if rounding == "keep_floor":
+        return n - int((1.0 - ratio) * n)
+    return round(ratio * n)
+
+
+def check_round_to(value: object, key: str) -> int | None:
+    """``round_to`` from config: None (off) or an int >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be null (no rounding) or an int >= 1 (e.g. 8: kept channels a multiple "
+                         f"of 8); got {value!r}")
+    return value
+
+
+def round_kept(keep: torch.Tensor, scores: torch.Tensor, round_to: int | None) -> torch.Tensor:
+    """``keep`` (1-D bool) with its kept count rounded down to a multiple of ``round_to`` (at least one
+    multiple, at most all): the lowest-scored kept entries go, or the best pruned ones come back."""
+    if not round_to or round_to == 1:
+        return keep
+    n, kept = keep.numel(), int(keep.sum())
+    target = min(n, max(round_to, kept - kept % round_to))
+    if target == kept:
+        return keep
+    order = torch.argsort(scores.float(), descending=True, stable=True)
+    ranked = torch.cat([order[keep[order]], order[~keep[order]]])  # kept ones (best first), then pruned (best first)
+    out = torch.zeros_like(keep)
+    out[ranked[:target]] = True
+    return out
 
 
 def check_sparsity(value: float, key: str) -> float:
@@ -42,15 +84,22 @@ def _keep_mask(scores: torch.Tensor, n_prune: int, previous: torch.Tensor | None
 
 
 def masks_from_scores(scores: Mapping[str, torch.Tensor], sparsity: float, scope: str = "global",
-                      previous: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Bool keep-masks shaped like ``scores`` pruning the ``round(sparsity * n)`` lowest scores: over
-    all layers at once (scope=global) or in each layer (scope=layer); ``previous`` masks only shrink."""
+                      previous: Mapping[str, torch.Tensor] | None = None, rounding: str = "nearest"
+                      ) -> dict[str, torch.Tensor]:
+    """Bool keep-masks shaped like ``scores`` pruning the ``round(sparsity * n)`` lowest scores (per layer:
+    ``pruned_count(n, sparsity, rounding)``): over all layers at once (scope=global) or in each layer
+    (scope=layer); ``previous`` masks only shrink."""
     check_sparsity(sparsity, "sparsity")
     check_choice(scope, SCOPES, "scope")
+    check_choice(rounding, ROUNDINGS, "rounding")
     previous = previous or {}
     if scope == "layer":
-        return {name: _keep_mask(s.flatten(), round(sparsity * s.numel()), _flat(previous.get(name))).view_as(s)
+        return {name: _keep_mask(s.flatten(), pruned_count(s.numel(), sparsity, rounding),
+                                 _flat(previous.get(name))).view_as(s)
                 for name, s in scores.items()}
+    if rounding != "nearest":
+        raise ValueError(f"rounding={rounding!r} sets each layer's filter count, so it needs scope=layer "
+                         f"(scope=global prunes round(sparsity * n) over all layers at once)")
     names = list(scores)
     flat = torch.cat([scores[n].flatten().float() for n in names])
     prev = None
@@ -82,14 +131,16 @@ def unstructured_masks(layers: Mapping[str, Any], sparsity: float, scope: str = 
 
 
 def structured_masks(layers: Mapping[str, Any], sparsity: float, scope: str = "layer",
-                     importance: str = "l1", previous: Mapping[str, torch.Tensor] | None = None
-                     ) -> dict[str, torch.Tensor]:
-    """Bool keep-masks over output filters (shape ``[out_channels]``), at least one filter kept per layer."""
+                     importance: str = "l1", previous: Mapping[str, torch.Tensor] | None = None,
+                     rounding: str = "nearest", round_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Bool keep-masks over output filters (shape ``[out_channels]``), at least one filter kept per layer;
+    ``rounding`` sets each layer's count (scope=layer), ``round_to`` rounds kept counts to a multiple."""
     scores = {n: filter_scores(importance, layer) for n, layer in layers.items()}
-    masks = masks_from_scores(scores, sparsity, scope, previous)
+    masks = masks_from_scores(scores, sparsity, scope, previous, rounding)
     for name, mask in masks.items():
         if not mask.any():  # never empty a layer: keep its strongest filter
             mask[scores[name].argmax()] = True
+        masks[name] = round_kept(mask, scores[name], round_to)
     return masks
 
 

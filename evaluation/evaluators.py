@@ -1,4 +1,4 @@
-"""Extra evaluators run after test, picked as a config list like compression: ``evaluation=[parent_agreement]``.
+"""Extra evaluators run after test, picked as a config list like compression: ``evaluation=[retention]``.
 
 Each evaluator is one small class, one ``@register_evaluator("<name>")`` entry here and one
 ``conf/evaluation/<name>.yaml`` (``# @package evaluators``, one top-level key ``<name>`` holding
@@ -16,16 +16,12 @@ Evaluators live one per module (``evaluation/retention.py``, ``robustness.py``, 
 from __future__ import annotations
 
 import importlib
-import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 from torch import nn
 
-from netcompress.evaluation.evaluate import evaluate
-from netcompress.evaluation.metrics import Agreement, ClassificationMetrics, OnReference
 
-log = logging.getLogger(__name__)
 KEY = "evaluators"  # where conf/evaluation/*.yaml land (# @package evaluators)
 
 
@@ -71,8 +67,10 @@ def build_evaluators(entries: Mapping[str, Any] | None) -> list[Evaluator]:
     """The evaluators of the config's ``evaluators`` node (``{name: {_target_, args} or null}``), in order.
 
     An entry's key must be a registered name; its ``_target_`` (optional) must be that evaluator's class.
+    Each evaluator checks its arguments when built, so ``pipeline/build.py`` builds them before training.
     """
     import hydra
+    from hydra.errors import InstantiationException
     from omegaconf import DictConfig, OmegaConf
 
     load_builtin()
@@ -88,7 +86,12 @@ def build_evaluators(entries: Mapping[str, Any] | None) -> list[Evaluator]:
         if not isinstance(entry, dict):
             raise TypeError(f"`{KEY}.{name}` must be a mapping of the evaluator's arguments (or null); got {entry!r}")
         if "_target_" in entry:
-            evaluator = hydra.utils.instantiate(entry, _convert_="all")
+            try:
+                evaluator = hydra.utils.instantiate(entry, _convert_="all")
+            except InstantiationException as exc:  # the evaluator's own clear input error, not Hydra's wrapper
+                if isinstance(exc.__cause__, (ValueError, TypeError)):
+                    raise exc.__cause__ from None
+                raise
             if type(evaluator) is not EVALUATORS[name]:
                 raise ValueError(f"`{KEY}.{name}._target_`={entry['_target_']!r} builds a "
                                  f"{type(evaluator).__name__}, not the evaluator registered as '{name}' "
@@ -120,29 +123,4 @@ def run_evaluators(cfg: Mapping[str, Any], objects: Mapping[str, Any], parent: n
     return figures
 
 
-@register_evaluator("parent_agreement")
-class ParentAgreement:
-    """Top-1 agreement of the net with its dense parent on the test set (one pass, both nets).
-
-    Reports ``retention/agreement`` (share of test images with the same top-1),
-    ``retention/agreement_on_correct`` (the same over the images the parent gets right) and
-    ``retention/parent_test_acc1``. Without a parent it logs one line and reports nothing.
-    The parent is moved to the net's device (it is a frozen copy).
-    """
-
-    def __call__(self, net: nn.Module, datamodule: Any, parent: nn.Module | None,
-                 out_dir: Path | None = None) -> dict[str, Any]:
-        if parent is None:
-            log.info("evaluation.%s: skipped, this run has no parent net (init_from, a KD teacher or a protocol's "
-                     "dense stage)", self.name)
-            return {}
-        device = next(net.parameters()).device
-        figures = evaluate(net, datamodule.test_dataloader(),
-                           [Agreement(), OnReference(ClassificationMetrics(int(datamodule.num_classes)), "parent_")],
-                           reference=parent.to(device))
-        return {"retention/agreement": figures["agreement"],
-                "retention/agreement_on_correct": figures["agreement_on_correct"],
-                "retention/parent_test_acc1": figures["parent_acc1"]}
-
-
-__all__ = ["Evaluator", "EVALUATORS", "BUILTIN", "load_builtin", "register_evaluator", "build_evaluators", "run_evaluators", "ParentAgreement"]
+__all__ = ["Evaluator", "EVALUATORS", "BUILTIN", "load_builtin", "register_evaluator", "build_evaluators", "run_evaluators"]

@@ -8,12 +8,18 @@ Each metric keeps summable counts, so any number of batches (and processes) add 
   ``per_class_acc1`` (NaN for a class with no sample: undefined, not 0) and ``class_counts``;
 * :class:`Agreement`: the share of samples where a net's top-1 equals a reference net's (the
   int8 model vs its fake-quant net, a compressed net vs its dense parent);
-* :class:`OnReference`: any metric applied to the reference net's logits (the parent's accuracy).
+* :class:`OnReference`: any metric applied to the reference net's logits (the parent's accuracy);
+* :class:`Divergence`: mean KL(reference || net) and Jensen-Shannon divergence of the softmax
+  outputs, in nats (what a compressed net keeps of its parent's function, not only its top-1);
+* :class:`Forgetting`: the share of the reference's correct samples the net gets wrong and of its
+  wrong samples the net gets right, overall and per class (Hooker et al. 2019, "What do compressed
+  deep neural networks forget?": compression costs some classes and examples far more than others);
+* :class:`Calibration`: expected calibration error (15 equal-width bins of top-1 confidence, Guo et
+  al. 2017, "On Calibration of Modern Neural Networks"), negative log-likelihood, mean confidence.
 
 The protocol (``reset``, ``update``, ``compute(reduce)``) is small on purpose; ``paired`` metrics
-also receive the reference net's logits. Knowledge-retention metrics (issue 12: KL/JS to the
-parent, forgetting, calibration) are further paired metrics of this kind, fed by
-``evaluation.evaluate.evaluate`` in the same single pass.
+also receive the reference net's logits. All of them are fed by ``evaluation.evaluate.evaluate``
+in one single pass (``evaluation/retention.py`` runs them together).
 """
 from __future__ import annotations
 
@@ -157,4 +163,163 @@ class OnReference:
         return {f"{self.prefix}{k}": v for k, v in self.metric.compute(reduce).items()}
 
 
-__all__ = ["Metric", "ClassificationMetrics", "Agreement", "OnReference"]
+
+
+def _reduced(counts: torch.Tensor, reduce: Reduce | None) -> torch.Tensor:
+    """The counts summed over processes (a copy: all_reduce works in place), on the CPU."""
+    return (reduce(counts.clone()) if reduce is not None else counts).cpu()
+
+
+def _paired_shapes(logits: torch.Tensor, targets: torch.Tensor, reference_logits: torch.Tensor) -> None:
+    if logits.ndim != 2 or logits.shape != reference_logits.shape or logits.shape[0] != targets.shape[0]:
+        raise ValueError(f"expected logits and reference logits of one shape (N, C) and N targets; got "
+                         f"{tuple(logits.shape)}, {tuple(reference_logits.shape)} and {tuple(targets.shape)}")
+
+
+def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(p || q) = sum_c p_c (log p_c - log q_c) from log-probabilities (0 log 0 = 0)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(1)
+
+
+class Divergence:
+    """Mean KL(reference || net) and Jensen-Shannon divergence of the softmax outputs, in nats.
+
+    ``kl``: mean over samples of ``sum_c p_c log(p_c / q_c)`` with ``p`` the reference's (parent's)
+    softmax and ``q`` the net's: how much of the parent's output distribution the net loses (the
+    direction distillation minimises). ``js``: mean over samples of the Jensen-Shannon
+    **divergence** ``(KL(p || m) + KL(q || m)) / 2`` with ``m = (p + q) / 2``, symmetric and in
+    ``[0, log 2]``; it is the square of ``scipy.spatial.distance.jensenshannon`` (a distance).
+    Both are computed in float64.
+    """
+
+    paired = True
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._counts: torch.Tensor | None = None  # [summed KL, summed JS, samples]
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, reference_logits: torch.Tensor) -> None:
+        _paired_shapes(logits, targets, reference_logits)
+        log_q = F.log_softmax(logits.detach().double(), dim=1)
+        log_p = F.log_softmax(reference_logits.detach().double().to(log_q.device), dim=1)
+        log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+        kl = _kl_rows(log_p, log_q)
+        js = (0.5 * (_kl_rows(log_p, log_m) + _kl_rows(log_q, log_m))).clamp_min(0.0)  # >= 0 up to rounding
+        counts = torch.stack([kl.sum(), js.sum(), torch.tensor(float(len(kl)), dtype=torch.float64,
+                                                               device=kl.device)])
+        self._counts = counts if self._counts is None else self._counts + counts.to(self._counts.device)
+
+    def compute(self, reduce: Reduce | None = None) -> dict[str, Any]:
+        counts = _reduced(self._counts if self._counts is not None else torch.zeros(3, dtype=torch.float64), reduce)
+        kl, js, n = (float(x) for x in counts)
+        return {"kl": _ratio(kl, n), "js": _ratio(js, n)}
+
+
+class Forgetting:
+    """What the net forgot and newly learned relative to a reference net (its dense parent).
+
+    ``forgetting``: share of the samples the reference classifies correctly (top-1) that the net gets
+    wrong; ``new_learning``: share of the samples the reference gets wrong that the net gets right;
+    ``forgotten`` / ``newly_learned``: those sample counts; ``per_class_forgetting`` and
+    ``per_class_new_learning``: the same shares within each true class (NaN where the class has no
+    such sample). Per-class and per-example views follow Hooker et al. 2019.
+
+    Args:
+        num_classes: number of classes (logit columns).
+    """
+
+    paired = True
+
+    def __init__(self, num_classes: int) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1; got {num_classes!r}")
+        self.num_classes = num_classes
+        self.reset()
+
+    def reset(self) -> None:
+        # per class: [reference right, ... & net wrong, reference wrong, ... & net right] (4 C)
+        self._counts: torch.Tensor | None = None
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, reference_logits: torch.Tensor) -> None:
+        _paired_shapes(logits, targets, reference_logits)
+        targets = targets.detach().to(logits.device).long()
+        _check_targets(targets, self.num_classes)
+        ours = logits.detach().argmax(1) == targets
+        theirs = reference_logits.detach().to(logits.device).argmax(1) == targets
+        c = self.num_classes
+        counts = torch.cat([torch.bincount(targets[mask], minlength=c)
+                            for mask in (theirs, theirs & ~ours, ~theirs, ~theirs & ours)]).double()
+        self._counts = counts if self._counts is None else self._counts + counts.to(self._counts.device)
+
+    def compute(self, reduce: Reduce | None = None) -> dict[str, Any]:
+        c = self.num_classes
+        counts = _reduced(self._counts if self._counts is not None else torch.zeros(4 * c, dtype=torch.float64),
+                          reduce)
+        right, forgot, wrong, learned = counts.view(4, c)
+        return {"forgetting": _ratio(float(forgot.sum()), float(right.sum())),
+                "new_learning": _ratio(float(learned.sum()), float(wrong.sum())),
+                "forgotten": int(forgot.sum()),
+                "newly_learned": int(learned.sum()),
+                "per_class_forgetting": [_ratio(float(f), float(r)) for f, r in zip(forgot, right)],
+                "per_class_new_learning": [_ratio(float(l), float(w)) for l, w in zip(learned, wrong)]}
+
+
+class Calibration:
+    """Expected calibration error, negative log-likelihood and mean top-1 confidence of one net.
+
+    ECE (Guo et al. 2017, "On Calibration of Modern Neural Networks", eq. 3): the samples are binned
+    by top-1 confidence ``max_c softmax_c`` into ``num_bins`` equal-width bins ``(b/B, (b+1)/B]``;
+    ``ece = sum_b (n_b / N) |acc_b - conf_b|`` with ``acc_b`` the top-1 accuracy and ``conf_b`` the
+    mean confidence in bin b (their code's binning: lower edge open, upper closed). ``nll``: mean
+    cross-entropy of the true class; ``confidence``: mean top-1 confidence. Apply it to a parent with
+    ``OnReference(Calibration(), "parent_")``.
+
+    Args:
+        num_bins: number of equal-width confidence bins (15 as in Guo et al.).
+    """
+
+    paired = False
+
+    def __init__(self, num_bins: int = 15) -> None:
+        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+            raise ValueError(f"num_bins must be an int >= 1; got {num_bins!r}")
+        self.num_bins = num_bins
+        self.reset()
+
+    def reset(self) -> None:
+        # per bin: [samples, summed confidence, correct] (3 B), then summed NLL
+        self._counts: torch.Tensor | None = None
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        logits, targets = logits.detach().double(), targets.detach().to(logits.device).long()
+        if logits.ndim != 2 or logits.shape[0] != targets.shape[0]:
+            raise ValueError(f"expected logits of shape (N, C) and N targets; got {tuple(logits.shape)} and "
+                             f"{tuple(targets.shape)}")
+        _check_targets(targets, logits.shape[1])
+        log_probs = F.log_softmax(logits, dim=1)
+        confidence, predicted = log_probs.max(1)
+        confidence = confidence.exp()
+        edges = torch.linspace(0.0, 1.0, self.num_bins + 1, dtype=torch.float64, device=logits.device)[1:-1]
+        bins = torch.bucketize(confidence, edges, right=False)  # edges[b-1] < conf <= edges[b]
+        b = self.num_bins
+        counts = torch.cat([torch.bincount(bins, minlength=b).double(),
+                            torch.bincount(bins, weights=confidence, minlength=b),
+                            torch.bincount(bins, weights=(predicted == targets).double(), minlength=b),
+                            -log_probs.gather(1, targets[:, None]).sum().reshape(1)])
+        self._counts = counts if self._counts is None else self._counts + counts.to(self._counts.device)
+
+    def compute(self, reduce: Reduce | None = None) -> dict[str, Any]:
+        b = self.num_bins
+        counts = _reduced(self._counts if self._counts is not None else torch.zeros(3 * b + 1, dtype=torch.float64),
+                          reduce)
+        samples, confidence, correct = counts[:3 * b].view(3, b)
+        total = float(samples.sum())
+        return {"ece": _ratio(float((correct - confidence).abs().sum()), total),
+                "nll": _ratio(float(counts[3 * b]), total),
+                "confidence": _ratio(float(confidence.sum()), total)}
+
+
+__all__ = ["Metric", "ClassificationMetrics", "Agreement", "OnReference", "Divergence", "Forgetting", "Calibration"]

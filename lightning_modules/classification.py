@@ -20,6 +20,7 @@ from torch import nn
 from netcompress.evaluation.metrics import ClassificationMetrics
 from netcompress.compression.checks import plain
 from netcompress.lightning_modules.contract import CompressionContract
+from netcompress.lightning_modules.schedules import resumed_at
 from netcompress.models.memory_format import cpu_channels_last_unsafe
 from netcompress.models.serialization import CHECKPOINT_KEY, architecture_of, reshape_to
 
@@ -43,18 +44,27 @@ class ClassificationModule(CompressionContract, pl.LightningModule):
         no_decay_norm_bias: exempt norm weights and biases from weight decay.
         net_spec: ``{"model_name", "num_classes", "model_kwargs"}`` recorded in checkpoints so a
             checkpoint can be turned back into a network (teachers, reports).
+        schedule_offset: this run continues a schedule at this optimizer step (lottery rewinding to
+            step k trains the remaining T - k steps): the lr schedule spans this run's steps + offset
+            and starts at its step ``offset``. 0 = a fresh schedule.
     """
 
     def __init__(self, net: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
                  label_smoothing: float = 0.0, channels_last: bool = True,
-                 no_decay_norm_bias: bool = False, net_spec: Mapping | None = None) -> None:
+                 no_decay_norm_bias: bool = False, net_spec: Mapping | None = None,
+                 schedule_offset: int = 0) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"module.label_smoothing must be in [0, 1); got {label_smoothing}")
         self.net_spec = dict(plain(net_spec) or {})
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
+        if isinstance(schedule_offset, bool) or not isinstance(schedule_offset, int) or schedule_offset < 0:
+            raise ValueError(f"module.schedule_offset must be an int >= 0 (optimizer steps already trained); "
+                             f"got {schedule_offset!r}")
+        self.schedule_offset = schedule_offset
         self.save_hyperparameters({"label_smoothing": label_smoothing, "channels_last": channels_last,
-                                   "no_decay_norm_bias": no_decay_norm_bias, "net_spec": self.net_spec})
+                                   "no_decay_norm_bias": no_decay_norm_bias, "net_spec": self.net_spec,
+                                   "schedule_offset": schedule_offset})
         self.net = net
         self.init_compression_contract()
         self.optimizer_factory = optimizer
@@ -171,10 +181,12 @@ class ClassificationModule(CompressionContract, pl.LightningModule):
         optimizer = self.optimizer_factory(self._parameter_groups(), **self._phase["optimizer_overrides"])
         if self.scheduler_factory is None:
             return optimizer
-        total = max(1, int(self.trainer.estimated_stepping_batches) - int(self._phase["start_step"]))
+        offset = self.schedule_offset if self._phase["start_step"] == 0 else 0  # a later phase restarts
+        total = max(1, int(self.trainer.estimated_stepping_batches) - int(self._phase["start_step"])) + offset
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         steps_per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // epochs)
-        scheduler = self.scheduler_factory(optimizer, total_steps=total, steps_per_epoch=steps_per_epoch)
+        scheduler = resumed_at(self.scheduler_factory(optimizer, total_steps=total, steps_per_epoch=steps_per_epoch),
+                               offset)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

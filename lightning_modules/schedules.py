@@ -50,6 +50,17 @@ def cosine(optimizer: Optimizer, total_steps: int, steps_per_epoch: int,
     return LambdaLR(optimizer, factor)
 
 
+def resumed_at(scheduler: LambdaLR, offset: int) -> LambdaLR:
+    """``scheduler`` continued from step ``offset``: this run's step s gets the schedule's lr at s + offset.
+
+    How rewinding to step k retrains (Frankle et al. 2020, Renda et al. 2020, open_lth): the
+    remaining T - k steps of the original schedule, not a restarted one."""
+    if offset == 0:
+        return scheduler
+    shifted = [lambda step, f=f: f(step + offset) for f in scheduler.lr_lambdas]
+    return LambdaLR(scheduler.optimizer, shifted)  # base lrs come from each group's initial_lr
+
+
 def constant(optimizer: Optimizer, total_steps: int, steps_per_epoch: int,
              warmup_epochs: float = 0.0) -> LambdaLR:
     """Constant lr after an optional linear warm-up."""

@@ -6,8 +6,15 @@ Stem conv3x3(16) + three stages of n = (depth - 2) / 6 BasicBlocks with 16/32/64
 * ``shortcut="B"`` (default): 1x1 conv + BN projection where the shape changes, as open_lth
   builds the Lottery Ticket ResNets; every layer is a plain module, so torch-pruning can thin
   the residual stream.
-* ``shortcut="A"``: He et al.'s parameter-free identity with zero-padded extra channels, as in
-  the L1-norm filter pruning code of "Rethinking the Value of Network Pruning" (Liu et al. 2019).
+* ``shortcut="A"``: He et al.'s parameter-free identity with zero-padded extra channels. Where
+  the resolution halves, ``shortcut_pool`` picks how: ``subsample`` (x[:, :, ::2, ::2], the
+  default) or ``avg`` (2x2 average pooling, then the zero channels appended after the input's:
+  exactly the ``downsample_basic_block`` of the L1-norm pruning code of "Rethinking the Value of
+  Network Pruning", Liu et al. 2019, cifar/l1-norm-pruning/models/resnet.py, which the Li et al.
+  / Rethinking presets use). One difference is deliberate: that code builds the shortcut from
+  ``x.data``, so no gradient flows through the two downsampling shortcuts; here it does (the
+  forward pass and every parameter are identical; tests/test_models.py checks both against a
+  rewrite of their model).
 
 ``inner_channels`` thins the first conv of each block only (Li et al. 2017, "Pruning Filters
 for Efficient ConvNets", ResNet-56-A/B), leaving the residual stream intact.
@@ -25,6 +32,7 @@ from .factory import build_cifar_model, check_width, cifar_cfg
 __all__ = ["CifarResNet", "BasicBlock", "ZeroPadShortcut"]
 
 _SHORTCUTS = ("A", "B")
+_SHORTCUT_POOLS = ("subsample", "avg")
 
 
 class ZeroPadShortcut(nn.Module):
@@ -41,11 +49,13 @@ class ZeroPadShortcut(nn.Module):
 
     quantize_output = True
 
-    def __init__(self, stride: int, ratio: int):
+    def __init__(self, stride: int, ratio: int, pool: str = "subsample"):
         super().__init__()
         self.ratio = ratio
-        # AvgPool of kernel 1 = strided subsample x[:, :, ::s, ::s], kept as a visible module.
-        self.pool = nn.AvgPool2d(kernel_size=1, stride=stride) if stride > 1 else nn.Identity()
+        # subsample: AvgPool of kernel 1 = x[:, :, ::s, ::s], kept as a visible module;
+        # avg: s x s average pooling (the Rethinking authors' downsample_basic_block)
+        kernel = stride if pool == "avg" else 1
+        self.pool = nn.AvgPool2d(kernel_size=kernel, stride=stride) if stride > 1 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(x)
@@ -57,7 +67,8 @@ class ZeroPadShortcut(nn.Module):
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN + shortcut, then ReLU (He et al. 2016, figure 2)."""
 
-    def __init__(self, in_chs: int, inner_chs: int, out_chs: int, stride: int, shortcut: str):
+    def __init__(self, in_chs: int, inner_chs: int, out_chs: int, stride: int, shortcut: str,
+                 shortcut_pool: str = "subsample"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chs, inner_chs, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(inner_chs)
@@ -70,7 +81,7 @@ class BasicBlock(nn.Module):
                 self.downsample = nn.Sequential(
                     nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False), nn.BatchNorm2d(out_chs))
             else:
-                self.downsample = ZeroPadShortcut(stride, out_chs // in_chs)
+                self.downsample = ZeroPadShortcut(stride, out_chs // in_chs, shortcut_pool)
         self.act2 = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +118,7 @@ class CifarResNet(nn.Module):
         stage_channels: Optional[Sequence[int]] = None,
         inner_channels: Optional[Sequence[int]] = None,
         global_pool: str = "avg",
+        shortcut_pool: str = "subsample",
     ):
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
@@ -114,6 +126,12 @@ class CifarResNet(nn.Module):
         if shortcut not in _SHORTCUTS:
             raise ValueError(f"model.shortcut must be one of {', '.join(_SHORTCUTS)}; got {shortcut!r}")
         _check_pool(global_pool)
+        if shortcut_pool not in _SHORTCUT_POOLS:
+            raise ValueError(f"model.shortcut_pool must be one of {', '.join(_SHORTCUT_POOLS)} (how shortcut A halves "
+                             f"the resolution); got {shortcut_pool!r}")
+        if shortcut_pool != "subsample" and shortcut != "A":
+            raise ValueError(f"model.shortcut_pool={shortcut_pool!r} shapes the parameter-free shortcut A; "
+                             f"got model.shortcut={shortcut!r} (set model.shortcut=A or drop shortcut_pool)")
         chs = _stage_channels(width, stage_channels)
         n = (depth - 2) // 6
         if inner_channels is None:
@@ -139,7 +157,7 @@ class CifarResNet(nn.Module):
             blocks = []
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(BasicBlock(prev, inner[block_idx], c, stride, shortcut))
+                blocks.append(BasicBlock(prev, inner[block_idx], c, stride, shortcut, shortcut_pool))
                 prev, block_idx = c, block_idx + 1
             self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
         self.global_pool = nn.AdaptiveAvgPool2d(1)

@@ -10,14 +10,17 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
+from netcompress.evaluation.evaluators import build_evaluators
 from netcompress.lightning_modules.checkpoint_io import check_same_model
 from netcompress.models.serialization import SavedNet, build_net, read_saved_net
 from netcompress.pipeline.config_checks import check_config
 from netcompress.pipeline.combinations import check_combinations
 from netcompress.pipeline.entries import entry_names, reshaping_entries
+from netcompress.pipeline.wandb_config import is_wandb_entry, wandb_logger
 
 
 def instantiate(config: DictConfig, **kwargs: Any) -> Any:
@@ -35,6 +38,16 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [instantiate(entry) for entry in group.values() if entry and "_target_" in entry]
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    """The loggers of ``cfg.logger`` in config order; a WandbLogger gets the run's flattened resolved
+    config as its run config and the compression entries as tags (pipeline/wandb_config.py)."""
+    group = cfg.get("logger")
+    if not group:
+        return []
+    return [wandb_logger(entry, cfg, instantiate) if is_wandb_entry(entry) else instantiate(entry)
+            for entry in group.values() if entry and "_target_" in entry]
 
 
 def model_kwargs(cfg: DictConfig) -> dict:
@@ -61,10 +74,23 @@ def initial_weights(net, saved: SavedNet | str, spec: dict | None = None):
     return loaded.train()
 
 
+def apply_threads(cfg: DictConfig) -> int:
+    """Set torch's CPU thread count from ``threads`` (null: leave torch's default); returns the count in use.
+
+    One run's numbers depend on it (CPU reductions sum in a thread-dependent order), so it is a
+    config value, recorded in results.json and part of the lottery protocol's stage keys."""
+    threads = cfg.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
+
+
 def build(cfg: DictConfig):
     """Datamodule, module, callbacks and trainer from config; every check that can fail runs here."""
     check_config(cfg)  # every value, key and _target_ argument, before any data is read
+    build_evaluators(cfg.get("evaluators"))  # each evaluator checks its arguments now, not after training
     pl.seed_everything(cfg.seed, workers=True)
+    apply_threads(cfg)
     resume = read_saved_net(cfg.ckpt_path, key="ckpt_path", mmap=True) if cfg.ckpt_path else None
     init = read_saved_net(cfg.init_from, key="init_from") if cfg.get("init_from") else None
     datamodule = instantiate(cfg.data)
@@ -84,6 +110,6 @@ def build(cfg: DictConfig):
         module.set_parent(copy.deepcopy(net).eval().requires_grad_(False), source=f"init_from:{cfg.init_from}")
     callbacks = instantiate_group(cfg.get("callbacks"))
     check_combinations(callbacks, entry_names(cfg.get("callbacks")))
-    loggers = instantiate_group(cfg.get("logger"))
+    loggers = build_loggers(cfg)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, module, trainer

@@ -86,6 +86,7 @@ FIELDS: tuple[Field, ...] = (
     Field("optimized_metric", text, "a metric name", "optimized_metric=val/acc1"),
     Field("save_model", boolean, "true or false", "save_model=true"),
     Field("latency_repeats", int_in(1), "an int >= 1", "latency_repeats=30"),
+    Field("threads", optional(int_in(1)), "null (torch's default) or an int >= 1", "threads=1"),
     # optimizer
     Field("optimizer.lr", number_in(0, low_open=True), "a float > 0", "optimizer.lr=0.1"),
     Field("optimizer.weight_decay", number_in(0), "a float >= 0", "optimizer.weight_decay=1e-4"),

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from netcompress.compression.checks import check_int, plain
 from netcompress.compression.importance import check_importance
-from netcompress.compression.masks import check_choice, check_sparsity, sparsity_of
+from netcompress.compression.masks import ROUNDINGS, check_choice, check_round_to, check_sparsity, sparsity_of
 from netcompress.protocols import stage_store as store_files
 from netcompress.protocols.pruning_rounds import PruningRounds
 from netcompress.protocols.retrain_init import effective_flops
@@ -39,6 +39,7 @@ SCHEDULES = ("imp", "oneshot")
 KINDS = ("unstructured", "structured")
 CRITERIA = ("magnitude", "l1_filter", "bn_scale")
 BUDGETS = ("epochs", "flops")
+REWIND_SCHEDULES = ("resume", "restart")
 
 
 def _check_patterns(value: object, key: str) -> list[str]:
@@ -71,6 +72,10 @@ class LotteryProtocol:
         reinit: ``budget`` (epochs = Scratch-E, flops = Scratch-B), ``max_factor`` (Scratch-B cap on
             the epoch multiplier; null = none) and ``seed_offset`` (the fresh init uses seed +
             offset, also for the random mask).
+        rewind_schedule: with ``rewind_step`` k > 0, how rewound networks (IMP rounds, ``rewind``,
+            ``random_prune``) retrain: ``resume`` (default) trains the remaining T - k steps of the
+            dense schedule, its lr resumed at step k (Frankle et al. 2020, Renda et al. 2020,
+            open_lth); ``restart`` trains all T steps with a fresh schedule (T + k in all).
         dense_callbacks: names of ``callbacks`` entries (e.g. a compression config's key such as
             ``bn_sparsity``) used only while training the dense net (slimming's L1 penalty on BN
             scales); they are part of the dense key and left out of every retraining.
@@ -78,20 +83,23 @@ class LotteryProtocol:
 
     def __init__(self, method: str = "rewind", rewind_step: int = 0, snapshot_steps: Sequence[int] = (0,),
                  store_dir: str | None = None, prune: Mapping | None = None, finetune: Mapping | None = None,
-                 reinit: Mapping | None = None, dense_callbacks: Sequence[str] = ()) -> None:
+                 reinit: Mapping | None = None, dense_callbacks: Sequence[str] = (),
+                 rewind_schedule: str = "resume") -> None:
         retraining = RETRAINING[check_choice(method, tuple(RETRAINING), "protocol.method")]
         self.rewind_step = check_int(rewind_step, "protocol.rewind_step", 0)
         self.snapshot_steps = list(check_steps(plain(snapshot_steps), "protocol.snapshot_steps"))
         if self.rewind_step not in self.snapshot_steps:
             raise ValueError(f"`protocol.rewind_step`={rewind_step} must be one of protocol.snapshot_steps="
                              f"{self.snapshot_steps} (the dense run saves only those steps)")
+        self.rewind_schedule = check_choice(rewind_schedule, REWIND_SCHEDULES, "protocol.rewind_schedule")
         self.store = StageStore(store_dir)
         self.dense_callbacks = _check_patterns(plain(dense_callbacks) or [], "protocol.dense_callbacks")
         self.prune = self._check_prune(dict(plain(prune) or {}))
         self.finetune = self._check_finetune(dict(plain(finetune) or {}))
         self.reinit = self._check_reinit(dict(plain(reinit) or {}))
         self.rounds = PruningRounds(self.prune)
-        self.stages = Stages(self.store, self.rounds, self.snapshot_steps, self.rewind_step, self.dense_callbacks)
+        self.stages = Stages(self.store, self.rounds, self.snapshot_steps, self.rewind_step, self.dense_callbacks,
+                             self.rewind_schedule)
         self.retraining: Retraining = retraining(self)
 
     @property
@@ -109,7 +117,8 @@ class LotteryProtocol:
     def _check_prune(p: dict) -> dict:
         out = {"kind": "unstructured", "criterion": "magnitude", "schedule": "imp", "rate": 0.2, "round": 1,
                "sparsity": None, "scope": "global", "importance": "l1", "include": ["*"], "exclude": [],
-               "skip_first_last": True, "layer_sparsity": {}}
+               "skip_first_last": True, "layer_sparsity": {}, "layer_rate": {}, "rounding": "nearest",
+               "round_to": None}
         unknown = set(p) - set(out)
         if unknown:
             raise ValueError(f"protocol.prune has unknown keys {sorted(unknown)}; valid keys: {', '.join(out)}")
@@ -140,6 +149,26 @@ class LotteryProtocol:
             raise ValueError("`protocol.prune.layer_sparsity` needs prune.schedule=oneshot and prune.scope=layer "
                              "(a fraction per layer, as Li et al. 2017 prune ResNet-56-B)")
         out["layer_sparsity"] = dict(layer_sparsity)
+        layer_rate = out["layer_rate"] or {}
+        if not isinstance(layer_rate, Mapping):
+            raise ValueError("`protocol.prune.layer_rate` must map module-name patterns to per-round rates "
+                             f"(e.g. {{'fc*': 0.2, 'conv*': 0.15}}); got {layer_rate!r}")
+        for pattern, value in layer_rate.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"`protocol.prune.layer_rate.{pattern}` must be in [0, 1) (the fraction of what "
+                                 f"remains pruned each round; 0 = never pruned); got {value!r}")
+        if layer_rate and (out["schedule"] != "imp" or out["kind"] != "unstructured"):
+            raise ValueError("`protocol.prune.layer_rate` (a per-round rate per layer type, Frankle & Carbin 2019) "
+                             f"needs prune.schedule=imp and prune.kind=unstructured; got schedule={out['schedule']!r}, "
+                             f"kind={out['kind']!r}")
+        out["layer_rate"] = {str(k): float(v) for k, v in layer_rate.items()}
+        check_choice(out["rounding"], ROUNDINGS, "protocol.prune.rounding")
+        check_round_to(out["round_to"], "`protocol.prune.round_to`")
+        if (out["rounding"] != "nearest" or out["round_to"]) and out["kind"] != "structured":
+            raise ValueError("`protocol.prune.rounding`/`round_to` set filter counts: they need prune.kind=structured")
+        if out["rounding"] != "nearest" and out["scope"] != "layer":
+            raise ValueError(f"`protocol.prune.rounding`={out['rounding']!r} sets each layer's filter count: it needs "
+                             f"prune.scope=layer; got {out['scope']!r}")
         if out["schedule"] == "imp":
             rate = out["rate"]
             if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate < 1.0:
@@ -209,6 +238,7 @@ class LotteryProtocol:
         job = Job(cfg=cfg, base=base, dense_dir=dense_dir, dense_metrics=dense_metrics, round=round_, masks=masks,
                   extra=extra)
         results, objects = self.retraining.run(job)
+        extra.update(self._compute(base, dense_metrics, results))
         net = objects["module"].net
         dense_flops = dense_metrics["flops"]
         flops = effective_flops(net, self.rounds.enforced(masks), input_size(base))
@@ -222,6 +252,18 @@ class LotteryProtocol:
         results.update(extra)
         _tell_wandb(objects["trainer"], cfg, extra)
         return results, objects
+
+
+    def _compute(self, base: dict, dense_metrics: Mapping, results: Mapping) -> dict:
+        """Training compute behind the result, in optimizer steps: its own training, plus (for a pruned
+        net) the dense run and the IMP trainings its mask inherits (rounds 1..r-1)."""
+        own = int(results.get("global_step") or 0)
+        inherited = 0
+        if self.retraining.prunes:
+            inherited = int(dense_metrics.get("global_step") or 0) + sum(
+                int(read_json(self.stages.train(base, r) / store_files.METRICS)["global_step"])
+                for r in range(1, self.prune["round"]))
+        return {"lottery/train_steps": own, "lottery/cumulative_steps": own + inherited}
 
 
 def job_base(cfg: DictConfig) -> dict:

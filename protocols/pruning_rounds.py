@@ -23,6 +23,12 @@ class PruningRounds:
 
     def __init__(self, prune: Mapping) -> None:
         self.prune = prune
+        if IMPORTANCE[self.importance].calibrated:  # masks are cut from a stored net, with no data or seed at hand
+            usable = [n for n, c in IMPORTANCE.items() if not c.calibrated and c.types is None]
+            raise ValueError(f"`protocol.prune.importance`={self.importance!r} is scored from a calibration pass "
+                             "(training batches or a seed), which the lottery protocol's mask stage does not run; "
+                             f"use one of {', '.join(usable)}, or compression=[magnitude_pruning] for "
+                             f"importance={self.importance}")
 
     @property
     def structured(self) -> bool:
@@ -61,14 +67,32 @@ class PruningRounds:
                 masks.update(unstructured_masks(one, fraction(name), "layer", self.importance)
                              if p["kind"] == "unstructured" else self._structured(one, fraction(name), None))
             return masks
+        if p["kind"] == "unstructured" and p.get("layer_rate"):
+            return self._per_type(weights, round_, previous)
         if p["kind"] == "unstructured":
             return unstructured_masks(weights, sparsity, p["scope"], self.importance, previous)
         return self._structured(weights, sparsity, previous)
 
+    def _per_type(self, weights: Mapping[str, torch.Tensor], round_: int, previous: Mapping | None) -> dict:
+        """IMP with a rate per layer type (Frankle & Carbin 2019: Conv-2/4/6 prune conv 10-15%, fc 20%,
+        output 10% per round): a layer matching a ``layer_rate`` pattern keeps (1 - rate)^round of its
+        own weights; the others share ``rate`` under ``scope``."""
+        p, previous = self.prune, previous or {}
+        rest = {n: w for n, w in weights.items() if first_match(n, p["layer_rate"], None) is None}
+        masks = unstructured_masks(rest, self.target_sparsity(round_), p["scope"], self.importance,
+                                   {n: previous[n] for n in rest if n in previous} or None) if rest else {}
+        for name, w in weights.items():
+            rate = first_match(name, p["layer_rate"], None)
+            if rate is not None:
+                masks.update(unstructured_masks({name: w}, 1.0 - (1.0 - rate) ** round_, "layer", self.importance,
+                                                {name: previous[name]} if name in previous else None))
+        return {name: masks[name] for name in weights}
+
     def _structured(self, weights: Mapping[str, torch.Tensor], sparsity: float, previous: Mapping | None) -> dict:
         """Kept output filters by the criterion's filter score: L1/L2 filter norm (Li et al. 2017) or
         BN |gamma| (Liu et al. 2017); at least one filter kept per layer."""
-        return structured_masks(weights, sparsity, self.prune["scope"], self.importance, previous)
+        return structured_masks(weights, sparsity, self.prune["scope"], self.importance, previous,
+                                rounding=self.prune.get("rounding", "nearest"), round_to=self.prune.get("round_to"))
 
     def enforced(self, masks: Mapping[str, torch.Tensor] | None) -> dict | None:
         """The masks FixedMask enforces (unstructured only; a thin network needs none)."""

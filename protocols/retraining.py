@@ -127,6 +127,47 @@ class Dense(Retraining):
         return evaluate(job.cfg, load_stage_net(job.dense_dir), job.dense_metrics)
 
 
+@register_retraining("dense_reinit_seed")
+class DenseReinitSeed(Retraining):
+    """Control: the dense architecture trained from the reinit init seed (seed + ``reinit.seed_offset``),
+    so ticket - reinit can be read against what the init seed alone moves dense accuracy."""
+
+    prunes = False
+
+    @property
+    def label(self) -> str:
+        return "dense (reinit seed)"
+
+    def run(self, job: Job) -> tuple[dict, dict]:
+        base = dict(job.base, seed=job.base["seed"] + self.protocol.reinit["seed_offset"])
+        dense_dir = self.protocol.stages.dense(base)
+        job.extra["lottery/init_seed"] = base["seed"]
+        return evaluate(job.cfg, load_stage_net(dense_dir), read_json(dense_dir / store_files.METRICS))
+
+
+@register_retraining("dense_compute_matched")
+class DenseComputeMatched(Retraining):
+    """Control: the dense network trained from scratch for as many optimizer steps as the round-r
+    rewound ticket used in all (dense run + r IMP trainings: its mask inherits them)."""
+
+    prunes = False
+
+    @property
+    def label(self) -> str:
+        return "dense (compute-matched)"
+
+    def run(self, job: Job) -> tuple[dict, dict]:
+        stages, base = self.protocol.stages, job.base
+        steps = int(job.dense_metrics["global_step"]) + sum(
+            int(read_json(stages.train(base, r) / store_files.METRICS)["global_step"]) for r in range(1, job.round + 1))
+        per_epoch = job.dense_metrics["global_step"] / max(int(job.dense_metrics["epochs"]), 1)
+        classes = int(load_stage_net(job.dense_dir).get_classifier().out_features)
+        job.extra["lottery/epochs_trained"] = round(steps / per_epoch, 3)
+        return fit_job(job.cfg, fresh_network(base, base["seed"], classes), None,
+                       {"trainer.max_steps": steps, "trainer.max_epochs": math.ceil(steps / per_epoch)},
+                       parent=load_stage_net(job.dense_dir))
+
+
 @register_retraining("finetune")
 class Finetune(Retraining):
     """The trained weights of the round before, masked, fine-tuned at ``finetune.lr`` (Liu et al. 2019)."""
@@ -213,6 +254,14 @@ class RandomPrune(Retraining):
 
     def retrain_masks(self, job: Job) -> dict:
         return random_masks_like(job.masks, job.base["seed"] + self.protocol.reinit["seed_offset"])
+
+    def budget(self, job: Job, start: torch.nn.Module) -> tuple[dict[str, Any], float]:
+        """Weights from step k: the remaining T - k steps of the dense schedule (``protocol.rewind_schedule``)."""
+        overrides = self.protocol.stages.rewound_budget(job.dense_dir)
+        if not overrides:
+            return {}, job.epochs
+        steps = overrides["trainer.max_steps"]
+        return overrides, job.epochs * steps / (steps + self.protocol.rewind_step)
 
 
 @register_retraining("scratch_e")

@@ -46,12 +46,13 @@ class Stages:
     ``base`` is the job's resolved config without the protocol (``lottery.job_base``)."""
 
     def __init__(self, store: StageStore, rounds: PruningRounds, snapshot_steps: Sequence[int], rewind_step: int,
-                 dense_callbacks: Sequence[str]) -> None:
+                 dense_callbacks: Sequence[str], rewind_schedule: str = "resume") -> None:
         self.store = store
         self.rounds = rounds
         self.snapshot_steps = list(snapshot_steps)
         self.rewind_step = rewind_step
         self.dense_callbacks = list(dense_callbacks)
+        self.rewind_schedule = rewind_schedule
 
     # ----- keys -------------------------------------------------------------------------------
     def dense_parts(self, base: dict) -> dict:
@@ -64,6 +65,7 @@ class Stages:
         return {"stage": "dense", "version": STAGE_VERSION, "data": data, "model": base["model"],
                 "module": base["module"], "optimizer": base["optimizer"], "scheduler": base.get("scheduler"),
                 "trainer": trainer, "seed": base["seed"], "snapshot_steps": self.snapshot_steps,
+                "threads": base.get("threads") or torch.get_num_threads(),  # results depend on it: never mixed
                 **({"callbacks": callbacks} if callbacks else {})}
 
     def mask_parts(self, base: dict, round_: int) -> dict:
@@ -74,7 +76,18 @@ class Stages:
                 "prune": prune, "rewind_step": self.rewind_step, "round": round_}
 
     def train_parts(self, base: dict, round_: int) -> dict:
-        return {"stage": "train", "version": STAGE_VERSION, "mask": stage_key(self.mask_parts(base, round_))}
+        parts = {"stage": "train", "version": STAGE_VERSION, "mask": stage_key(self.mask_parts(base, round_))}
+        if self.rewind_step > 0:  # k = 0 has one schedule either way (and keeps its older keys)
+            parts["rewind_schedule"] = self.rewind_schedule
+        return parts
+
+    def rewound_budget(self, dense_dir: Path) -> dict[str, Any]:
+        """Config overrides for retraining a network rewound to step k: with ``rewind_schedule=resume``
+        the remaining T - k steps of the dense run's T, its schedule resumed at k; else none (all T)."""
+        if self.rewind_step == 0 or self.rewind_schedule == "restart":
+            return {}
+        total = int(read_json(Path(dense_dir) / store_files.METRICS)["global_step"])
+        return {"trainer.max_steps": total - self.rewind_step, "module.schedule_offset": self.rewind_step}
 
     # ----- stages -----------------------------------------------------------------------------
     def dense(self, base: dict) -> Path:
@@ -109,8 +122,10 @@ class Stages:
         """IMP round ``round_``: the mask applied to the step-k weights, retrained with the dense schedule."""
         def make(folder: Path) -> None:
             masks = load_masks(self.mask(base, round_))
-            start = self.rounds.apply(self.rewound(self.dense(base)), masks, input_size(base))
-            net, metrics = fit_stage(base, folder, start=start, masks=self.rounds.enforced(masks), test=False)
+            dense_dir = self.dense(base)
+            start = self.rounds.apply(self.rewound(dense_dir), masks, input_size(base))
+            net, metrics = fit_stage(with_overrides(base, self.rewound_budget(dense_dir)), folder, start=start,
+                                     masks=self.rounds.enforced(masks), test=False)
             save_net(net, folder / store_files.MODEL, base)
             write_json_atomic(folder / store_files.METRICS, metrics)
 
@@ -136,6 +151,18 @@ def _is_trainer_default(key: str, value: Any) -> bool:
     param = inspect.signature(pl.Trainer.__init__).parameters.get(key)
     return param is not None and param.default is not inspect.Parameter.empty and param.default == value \
         and type(param.default) is type(value)
+
+
+def with_overrides(base: dict, overrides: Mapping[str, Any]) -> dict:
+    """A copy of ``base`` with dotted-key ``overrides`` set (``{"trainer.max_steps": 100}``)."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
 
 
 def read_json(path: Path) -> dict:

@@ -18,7 +18,8 @@ from netcompress import models  # noqa: F401  (registers the CIFAR nets in timm)
 from conftest import CONF, TINY, compose_config
 from netcompress.evaluation import model_stats
 from netcompress.evaluation.evaluate import evaluate
-from netcompress.evaluation.evaluators import EVALUATORS, ParentAgreement, build_evaluators, run_evaluators
+from netcompress.evaluation.evaluators import EVALUATORS, build_evaluators, run_evaluators
+from netcompress.evaluation.retention import Retention
 from netcompress.evaluation.metrics import Agreement, ClassificationMetrics, OnReference
 from netcompress.models.factory import create_model
 from netcompress.pipeline.build import build
@@ -145,26 +146,27 @@ def test_every_evaluator_config_is_a_registered_evaluator_and_back():
 
 
 def test_evaluation_list_composes_into_evaluators(tmp_path):
-    cfg = compose_config([*TINY, "evaluation=[parent_agreement]"], tmp_path)
-    assert list(cfg.evaluators) == ["parent_agreement"]
+    cfg = compose_config([*TINY, "evaluation=[retention]"], tmp_path)
+    assert list(cfg.evaluators) == ["retention"]
     evaluators = build_evaluators(cfg.evaluators)
-    assert [type(e) for e in evaluators] == [ParentAgreement] and evaluators[0].name == "parent_agreement"
-    assert compose_config(TINY, tmp_path).get("evaluators") is None  # default evaluation: []
+    assert [type(e) for e in evaluators] == [Retention] and evaluators[0].name == "retention"
+    assert list(compose_config(TINY, tmp_path).evaluators) == ["retention", "cost"]  # default evaluation: [retention, cost]
+    assert compose_config([*TINY, "evaluation=[]"], tmp_path).get("evaluators") is None
 
 
 def test_bad_evaluator_entries_fail_clearly(tmp_path):
-    with pytest.raises(ValueError, match="`evaluators.nope` is not an evaluator; registered: parent_agreement"):
+    with pytest.raises(ValueError, match=r"`evaluators.nope` is not an evaluator; registered: .*retention"):
         build_evaluators({"nope": {}})
-    with pytest.raises(ValueError, match="not the evaluator registered as 'parent_agreement'"):
-        build_evaluators({"parent_agreement": {"_target_": "netcompress.evaluation.metrics.Agreement"}})
-    cfg = compose_config([*TINY, "evaluation=[parent_agreement]", "+evaluators.parent_agreement.split=val"], tmp_path)
-    with pytest.raises(ValueError, match="evaluators.parent_agreement"):  # the config checks, before training
+    with pytest.raises(ValueError, match="not the evaluator registered as 'retention'"):
+        build_evaluators({"retention": {"_target_": "netcompress.evaluation.metrics.Agreement"}})
+    cfg = compose_config([*TINY, "evaluation=[retention]", "+evaluators.retention.split=val"], tmp_path)
+    with pytest.raises(ValueError, match="evaluators.retention"):  # the config checks, before training
         build(cfg)
 
 
-def test_parent_agreement_with_an_identical_parent_is_one_and_reports_the_parent_accuracy(tiny_config):
+def test_retention_with_an_identical_parent_agrees_everywhere_and_reports_the_parent_accuracy(tiny_config):
     """A parent equal to the net agrees on every image and has the net's own test/acc1."""
-    cfg = tiny_config("evaluation=[parent_agreement]")
+    cfg = tiny_config("evaluation=[retention]")
     results, objects = fit_and_test(cfg)
     parent = copy.deepcopy(objects["module"].net)
     figures = run_evaluators(cfg, objects, parent)
@@ -174,7 +176,7 @@ def test_parent_agreement_with_an_identical_parent_is_one_and_reports_the_parent
 
 def test_a_kd_teacher_becomes_the_parent_and_is_not_saved(tiny_config):
     """callbacks/kd.py hands its (first) teacher to module.set_parent: evaluators see it, checkpoints do not."""
-    cfg = tiny_config("compression=[kd]", "callbacks.kd.teachers=initial", "evaluation=[parent_agreement]")
+    cfg = tiny_config("compression=[kd]", "callbacks.kd.teachers=initial", "evaluation=[retention]")
     results, objects = fit_and_test(cfg)
     module = objects["module"]
     assert module.parent is not None and module.parent_source == "kd:initial"
@@ -184,23 +186,29 @@ def test_a_kd_teacher_becomes_the_parent_and_is_not_saved(tiny_config):
     assert figures["retention/parent_test_acc1"] is not None
 
 
-def test_parent_agreement_without_a_parent_logs_one_line_and_reports_nothing(tiny_config, caplog):
-    cfg = tiny_config("evaluation=[parent_agreement]")
+def test_retention_without_a_parent_logs_one_line_and_reports_no_parent_figures(tiny_config, caplog):
+    from netcompress.datamodules.synthetic import SyntheticDataModule
+
+    cfg = tiny_config("evaluation=[retention]")
     net = create_model("resnet20_cifar", num_classes=10)
-    caplog.set_level(logging.INFO, logger="netcompress.evaluation.evaluators")
-    figures = run_evaluators(cfg, {"module": type("M", (), {"net": net})(), "datamodule": None}, None)
-    assert figures == {}
-    lines = [r for r in caplog.records if r.name == "netcompress.evaluation.evaluators"]
+    datamodule = SyntheticDataModule(num_classes=10, image_size=32, train_size=16, val_size=8, test_size=20,
+                                     batch_size=8, seed=0)
+    datamodule.setup("test")
+    caplog.set_level(logging.INFO, logger="netcompress.evaluation.retention")
+    figures = run_evaluators(cfg, {"module": type("M", (), {"net": net})(), "datamodule": datamodule}, None)
+    assert set(figures) == {"retention/per_class_acc1", "retention/ece", "retention/nll"}  # the net's own only
+    lines = [r for r in caplog.records if r.name == "netcompress.evaluation.retention"]
     assert len(lines) == 1 and "no parent net" in lines[0].getMessage() and lines[0].levelno == logging.INFO
 
 
-def test_a_run_without_a_parent_succeeds_and_has_no_retention_keys(tiny_config):
+def test_a_run_without_a_parent_succeeds_and_has_no_parent_retention_keys(tiny_config):
     from netcompress.run import run
 
-    cfg = tiny_config("evaluation=[parent_agreement]")
+    cfg = tiny_config("evaluation=[retention]")
     results = run(cfg)
     assert results["status"] == "ok"
-    assert not [k for k in results if k.startswith("retention/")]
+    assert sorted(k for k in results if k.startswith("retention/")) == \
+        ["retention/ece", "retention/nll", "retention/per_class_acc1"]
 
 
 def test_a_run_from_init_from_reports_agreement_with_its_parent(tiny_config, tmp_path):
@@ -210,7 +218,7 @@ def test_a_run_from_init_from_reports_agreement_with_its_parent(tiny_config, tmp
 
     dense = run(compose_config(TINY, tmp_path / "dense"))
     assert dense["status"] == "ok"
-    cfg = tiny_config(f"init_from={tmp_path / 'dense' / 'model.pt'}", "evaluation=[parent_agreement]")
+    cfg = tiny_config(f"init_from={tmp_path / 'dense' / 'model.pt'}", "evaluation=[retention]")
     run(cfg)
     saved = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
     assert 0.0 <= saved["retention/agreement"] <= 1.0

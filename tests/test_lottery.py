@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -380,3 +381,75 @@ def test_every_preset_composes_and_builds_its_protocol(tmp_path, preset):
     if preset.startswith("rethinking_"):
         assert protocol.prune["kind"] == "structured"
         assert set(str(params["protocol.method"]).split(",")) == {"dense", "finetune", "scratch_e", "scratch_b"}
+
+
+class _LrProbe(pl.Callback):
+    """Records the lr of every optimizer step and the number of steps."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("schedule,steps,first_lr", [("resume", 8 - 5, 0.01 * 0.1), ("restart", 8, 0.01)])
+def test_rewinding_to_step_k_trains_t_minus_k_steps_with_the_schedule_resumed_at_k(tmp_path, monkeypatch, schedule,
+                                                                                  steps, first_lr):
+    """Frankle et al. 2020 / open_lth: rewound to k, a network trains the remaining T - k steps, its first step
+    at the dense schedule's lr of step k (resume); restart = T steps from the schedule's start."""
+    import netcompress.protocols.stages as stages_module
+
+    # 4 steps per epoch x 2 epochs = T = 8; lr 0.01 /10 at step int(0.5 * 8) = 4; k = 5
+    cfg = compose_config([*TINY, "model.name=conv2_lth", "+model.width=0.125", "scheduler=multistep",
+                          "scheduler.milestones=[0.5]", "optimizer.lr=0.01", "trainer.max_epochs=2",
+                          "protocol=lottery", f"paths.store_dir={tmp_path / 'store'}", "protocol.snapshot_steps=[0,5]",
+                          "protocol.rewind_step=5", f"protocol.rewind_schedule={schedule}"], tmp_path / "job")
+    protocol, base = protocol_of(cfg), job_base(cfg)
+    probe = _LrProbe()
+    fit_stage = stages_module.fit_stage
+    seen = []
+
+    def probing(stage_base, folder, start=None, masks=None, callbacks=(), **kwargs):
+        if start is not None:  # the IMP round's retraining (the dense fit has no start network)
+            seen.append(stage_base)
+            callbacks = [*callbacks, probe]
+        return fit_stage(stage_base, folder, start=start, masks=masks, callbacks=callbacks, **kwargs)
+
+    monkeypatch.setattr(stages_module, "fit_stage", probing)
+    dense_dir = protocol.stages.dense(base)
+    assert json.loads((dense_dir / stage_store.METRICS).read_text())["global_step"] == 8
+    train_dir = protocol.stages.train(base, 1)
+    metrics = json.loads((train_dir / stage_store.METRICS).read_text())
+    assert metrics["global_step"] == steps == len(probe.lrs)
+    assert probe.lrs[0] == pytest.approx(first_lr)
+    if schedule == "resume":
+        assert probe.lrs == pytest.approx([0.001] * 3)  # steps 5, 6, 7 of the dense schedule
+        assert seen[0]["module"]["schedule_offset"] == 5
+    else:
+        assert probe.lrs == pytest.approx([0.01] * 4 + [0.001] * 4)
+
+
+def test_rewind_schedule_must_be_known(tmp_path):
+    cfg = make_cfg(tmp_path, "job", "protocol.rewind_schedule=rewound")
+    with pytest.raises(ValueError, match="protocol.rewind_schedule must be one of resume, restart; got 'rewound'"):
+        protocol_of(cfg)
+
+
+def test_compute_columns_and_the_two_dense_controls(tmp_path):
+    """Round-2 ticket: cumulative steps = dense T + 2 IMP trainings; dense_compute_matched trains that many
+    steps from scratch; dense_reinit_seed is the dense stage of seed + seed_offset."""
+    T = 4  # TINY: 64 images / batch 16, one epoch
+    out = {}
+    for method in ("rewind", "reinit", "dense", "dense_compute_matched", "dense_reinit_seed"):
+        cfg = make_cfg(tmp_path, method, f"protocol.method={method}", "protocol.prune.round=2")
+        results, _ = protocol_of(cfg).run(cfg)
+        out[method] = results
+    assert out["rewind"]["lottery/train_steps"] == T and out["rewind"]["lottery/cumulative_steps"] == 3 * T
+    assert out["reinit"]["lottery/cumulative_steps"] == T + T + T  # dense + round 1 (its mask) + its own
+    assert out["dense"]["lottery/cumulative_steps"] == T
+    matched = out["dense_compute_matched"]
+    assert matched["global_step"] == matched["lottery/cumulative_steps"] == 3 * T
+    control = out["dense_reinit_seed"]
+    assert control["lottery/init_seed"] == 1000 and control["lottery/cumulative_steps"] == T
+    assert control["test/acc1"] != out["dense"]["test/acc1"] or control["test/loss"] != out["dense"]["test/loss"]

@@ -302,3 +302,91 @@ def test_torch_pruning_halves_channels(name, kwargs):
     assert m.fc.in_features == m.num_features  # num_features follows the pruned width
     m.reset_classifier(5)
     assert m(example).shape == (1, 5)
+
+
+# ----- ResNet-56-A as the Rethinking authors build it ---------------------------------------------
+class _AuthorsBlock(nn.Module):
+    """A rewrite of BasicBlock in Eric-mingjie/rethinking-network-pruning, cifar/l1-norm-pruning/models/resnet.py."""
+
+    def __init__(self, inplanes, planes, cfg, stride=1, downsample=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, cfg, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cfg)
+        self.conv2 = nn.Conv2d(cfg, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.planes, self.downsample = planes, downsample
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample:  # downsample_basic_block: AvgPool2d(2, 2), then zero channels appended
+            x = nn.functional.avg_pool2d(x, 2, 2)
+            x = torch.cat([x, x.new_zeros(x.size(0), self.planes - x.size(1), x.size(2), x.size(3))], 1)
+        return torch.relu(out + x)
+
+
+class _AuthorsResNet(nn.Module):
+    """The authors' ResNet(depth, cfg): stem 16, stages 16/32/64, cfg = the inner width of every block."""
+
+    def __init__(self, depth=56, cfg=None, num_classes=10):
+        super().__init__()
+        n = (depth - 2) // 6
+        cfg = cfg or [16] * n + [32] * n + [64] * n
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        blocks, inplanes = [], 16
+        for stage, planes in enumerate((16, 32, 64)):
+            for i in range(n):
+                stride = 2 if stage and i == 0 else 1
+                blocks.append(_AuthorsBlock(inplanes, planes, cfg[stage * n + i], stride, stride != 1 or inplanes != planes))
+                inplanes = planes
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = nn.functional.avg_pool2d(self.blocks(x), 8)
+        return self.fc(x.flatten(1))
+
+
+def _authors_cfg(version: str) -> list[int]:
+    """res56prune.py: the inner widths after pruning (keeps int(n * (1 - p)) filters, skips some layers)."""
+    skip = {"A": [16, 20, 38, 54], "B": [16, 18, 20, 34, 38, 54]}[version]
+    prob = {"A": [0.1, 0.1, 0.1], "B": [0.6, 0.3, 0.1]}[version]
+    cfg = []
+    for layer_id in range(2, 56, 2):  # the first conv of block b is conv layer 2b (the stem is layer 1)
+        out = 16 if layer_id <= 18 else 32 if layer_id <= 36 else 64
+        stage = 0 if layer_id <= 18 else 1 if layer_id <= 36 else 2
+        cfg.append(out if layer_id in skip else int(out * (1 - prob[stage])))
+    return cfg
+
+
+@pytest.mark.parametrize("version", [None, "A", "B"])
+def test_resnet56_a_matches_the_rethinking_authors_model(version):
+    """Same parameter count as their ResNet-56 (dense, and pruned as res56prune.py -v A / -v B prunes it),
+    and the same outputs once their weights are copied in (shortcut A with 2x2 average pooling)."""
+    cfg = _authors_cfg(version) if version else None
+    theirs = _AuthorsResNet(56, cfg).eval()
+    ours = timm.create_model("resnet56_cifar", shortcut="A", shortcut_pool="avg", inner_channels=cfg).eval()
+    assert n_params(ours) == n_params(theirs)
+    if version is None:
+        assert n_params(ours) == 853_018  # the well-known ResNet-56 (0.85M) count
+    ours_params = [p for _, p in ours.named_parameters()]
+    theirs_params = [p for _, p in theirs.named_parameters()]
+    with torch.no_grad():
+        for a, b in zip(ours_params, theirs_params):
+            assert a.shape == b.shape
+            if b.ndim == 1:  # BN scale / shift and fc bias: away from their 1 / 0 init
+                b.add_(0.1 * torch.randn_like(b))
+            a.copy_(b)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ours(x), theirs(x))
+    default = timm.create_model("resnet56_cifar", shortcut="A", inner_channels=cfg).eval()
+    default.load_state_dict(ours.state_dict())
+    assert not torch.allclose(default(x), theirs(x))  # the strided subsample is a different net
+
+
+def test_shortcut_pool_needs_shortcut_a():
+    with pytest.raises(ValueError, match="model.shortcut_pool='avg' shapes the parameter-free shortcut A"):
+        timm.create_model("resnet20_cifar", shortcut="B", shortcut_pool="avg")
+    with pytest.raises(ValueError, match="model.shortcut_pool must be one of subsample, avg"):
+        timm.create_model("resnet20_cifar", shortcut="A", shortcut_pool="max")

@@ -41,3 +41,52 @@ def test_preset_runs_one_step(tmp_path, preset):
     results = run(cfg)
     assert results["status"] == "ok", results.get("error")
     assert 0.0 <= results["test/acc1"] <= 1.0
+
+
+def _paper_table() -> list[tuple[str, str, str, str]]:
+    """Rows (preset, key, value, source) of docs/presets.md's table."""
+    rows = []
+    for line in (CONF.parent / "docs" / "presets.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and line.startswith("|") and cells[0] not in ("preset", "---"):
+            rows.append(tuple(cells))
+    return rows
+
+
+PAPER_ROWS = _paper_table()
+
+
+def test_paper_table_covers_the_protocol_presets():
+    named = {row[0] for row in PAPER_ROWS}
+    assert {"rethinking_l1norm_resnet56", "lth_resnet20_cifar10", "lth_vgg16_cifar10",
+            "rethinking_slimming_vgg19", "l1norm_resnet56_a", "l1norm_resnet56_b"} <= named
+    assert named <= set(PRESETS)
+    assert all(row[3].startswith("[") for row in PAPER_ROWS)  # every value cites a source
+
+
+@pytest.mark.parametrize("preset", sorted({row[0] for row in PAPER_ROWS}))
+def test_preset_follows_its_paper(tmp_path, preset):
+    """Each setting the docs table attributes to a paper is what the composed preset holds."""
+    import yaml
+
+    cfg = compose_config([f"experiment={preset}"], tmp_path / "run")
+    for _, key, value, source in (row for row in PAPER_ROWS if row[0] == preset):
+        got = OmegaConf.select(cfg, key, throw_on_missing=False)
+        got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+        assert got == yaml.safe_load(value), f"{preset}: {key} = {got!r}, docs/presets.md says {value} ({source})"
+
+
+@pytest.mark.parametrize("preset,pruned", [("rethinking_l1norm_resnet56", [2, 4, 7]),
+                                           ("rethinking_l1norm_resnet56_mini", [1, 1, 2])])
+def test_l1norm_presets_prune_the_authors_filter_counts(tmp_path, preset, pruned):
+    """res56prune.py keeps int(n * 0.9) filters: 2/4/7 of 16/32/64 pruned (3/6 with round(0.1 * n))."""
+    import timm
+
+    from netcompress.protocols.pruning_rounds import PruningRounds
+
+    cfg = compose_config([f"experiment={preset}"], tmp_path / "run")
+    net = timm.create_model(cfg.model.name, **model_kwargs(cfg))
+    prune = OmegaConf.to_container(cfg.protocol.prune, resolve=True)
+    masks = PruningRounds(prune).compute_masks(net, 1, None)
+    by_stage = {f"layer{s}": {int((~m).sum()) for n, m in masks.items() if n.startswith(f"layer{s}.")} for s in (1, 2, 3)}
+    assert by_stage == {f"layer{s}": {p} for s, p in zip((1, 2, 3), pruned)}

@@ -155,3 +155,99 @@ def test_confidence_intervals_and_paired_differences_against_hand_computation(sw
     md = (sweep / "report.md").read_text() if (sweep / "report.md").exists() else make_report(sweep) and \
         (sweep / "report.md").read_text()
     assert "Paired differences" in md and "| 51.2% | reinit (Scratch-E) | rewind k=0 | 3 |" in md
+
+
+# ----- retention vs compression plots (Hooker et al. 2019) -------------------------------------
+# (technique, override) -> per seed: (params_ratio, flops_ratio, agreement, forgetting, per-class forgetting)
+RETENTION = {
+    ("magnitude_pruning", "callbacks.magnitude_pruning.sparsity=0.5"): [
+        (2.0, 1.9, 0.95, 0.02, [0.0, 0.1, 0.0, 0.2]), (2.1, 1.9, 0.93, 0.03, [0.1, 0.1, None, 0.2]),
+        (2.0, 2.0, 0.94, 0.05, [0.2, 0.1, 0.3, 0.2])],
+    ("magnitude_pruning", "callbacks.magnitude_pruning.sparsity=0.9"): [
+        (10.0, 8.0, 0.80, 0.15, [0.5, 0.4, 0.3, 0.2]), (9.0, 7.0, 0.70, 0.25, [0.3, 0.2, 0.1, 0.0])],
+    ("lowrank", "callbacks.lowrank.rank=4"): [(3.0, 2.5, 0.9, 0.06, [0.0, 0.0, 0.0, 0.4])],
+}
+
+
+def retention_job(folder: Path, entry: str, override: str, seed: int, figures: tuple) -> None:
+    """A plain run's results.json with the agreed retention/cost keys, and its Hydra overrides."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text(f"- compression=[{entry}]\n- {override}\n- seed={seed}\n")
+    params_ratio, flops_ratio, agreement, forgetting, per_class = figures
+    write_results(folder, {"status": "ok", "seed": seed, "test/acc1": 0.9 - forgetting, "model_name": "resnet20_cifar",
+                           "config": {"callbacks": {entry: {"_target_": f"netcompress.callbacks.{entry}.X"}}},
+                           "cost/params_ratio": params_ratio, "cost/flops_ratio": flops_ratio,
+                           "retention/agreement": agreement, "retention/forgetting": forgetting,
+                           "retention/per_class_forgetting": per_class})
+
+
+@pytest.fixture
+def retention_sweep(tmp_path):
+    n = 0
+    for (entry, override), seeds in RETENTION.items():
+        for seed, figures in enumerate(seeds):
+            retention_job(tmp_path / "sweep" / str(n), entry, override, seed, figures)
+            n += 1
+    return tmp_path / "sweep"
+
+
+def test_retention_vs_compression_plots_mean_and_std_over_seeds(retention_sweep, tmp_path):
+    from netcompress.report import plot_retention_vs_compression
+
+    written = {p.name for p in make_report(retention_sweep, title="ret")}
+    assert {"retention_vs_params_ratio.png", "retention_vs_flops_ratio.png", "per_class_forgetting.png"} <= written
+    assert "retention_vs_nonzero_params_ratio.png" not in written  # no run reports cost/nonzero_params_ratio
+    for name in written - {"report.md", "report.csv"}:
+        assert (retention_sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![retention_vs_params_ratio.png](retention_vs_params_ratio.png)" in (retention_sweep / "report.md").read_text()
+    rows, _ = collect(retention_sweep)
+    for x_index, x_key in ((0, "cost/params_ratio"), (1, "cost/flops_ratio")):
+        fig = plot_retention_vs_compression(rows, x_key, tmp_path / "plot.png", "ret")
+        # robust/corruption_acc is in no results.json: two panels, not three
+        assert [ax.get_title() for ax in fig.axes] == ["retention/agreement", "retention/forgetting"]
+        for ax, y_index in zip(fig.axes, (2, 3)):
+            lines = {c.get_label(): c for c in ax.containers}  # one errorbar line per technique
+            assert sorted(lines) == ["lowrank", "magnitude_pruning"]
+            for technique in lines:
+                settings = [seeds for (entry, _), seeds in RETENTION.items() if entry == technique]
+                expect = sorted((sum(s[x_index] for s in seeds) / len(seeds), reference(
+                    [s[y_index] for s in seeds]) if len(seeds) > 1 else (seeds[0][y_index], 0.0)) for seeds in settings)
+                data_line, _, (bars,) = lines[technique].lines
+                assert list(data_line.get_xdata()) == pytest.approx([x for x, _ in expect])
+                assert list(data_line.get_ydata()) == pytest.approx([m for _, (m, _) in expect])
+                halves = [(seg[1][1] - seg[0][1]) / 2 for seg in bars.get_segments()]
+                assert halves == pytest.approx([s for _, (_, s) in expect])
+
+
+def test_per_class_forgetting_heat_map_is_the_mean_over_seeds(retention_sweep, tmp_path):
+    import numpy as np
+
+    from netcompress.report import forgetting_matrix, plot_forgetting_heatmap
+
+    rows, _ = collect(retention_sweep)
+    fig = plot_forgetting_heatmap(rows, tmp_path / "heat.png", "ret")
+    ax = fig.axes[0]
+    names = [t.get_text() for t in ax.get_yticklabels()]
+    assert names == ["lowrank", "magnitude_pruning (sparsity=0.5)", "magnitude_pruning (sparsity=0.9)"]
+    shown = ax.images[0].get_array().filled(np.nan)
+    assert shown.shape == (3, 4)  # technique settings x classes
+    for row, name in zip(shown, names):
+        override = f"callbacks.magnitude_pruning.{name.split('(')[-1].rstrip(')')}" if "(" in name \
+            else "callbacks.lowrank.rank=4"
+        (seeds,) = [s for (_, o), s in RETENTION.items() if o == override]
+        for c in range(4):  # mean over the seeds that have a value (None = NaN in results.json)
+            values = [s[4][c] for s in seeds if s[4][c] is not None]
+            assert row[c] == pytest.approx(sum(values) / len(values))
+    assert forgetting_matrix(rows)[0] == names
+
+
+def test_no_retention_keys_no_retention_plots(sweep, tmp_path):
+    from netcompress.report import plot_forgetting_heatmap, plot_retention_vs_compression
+
+    written = make_report(sweep)
+    assert [p.name for p in written] == ["report.md", "report.csv", "acc_vs_remaining.png", "acc_vs_flops.png"]
+    assert not list(sweep.glob("retention_vs_*.png")) and not (sweep / "per_class_forgetting.png").exists()
+    rows, _ = collect(sweep)
+    assert plot_retention_vs_compression(rows, "cost/params_ratio", tmp_path / "x.png", "t") is None
+    assert plot_forgetting_heatmap(rows, tmp_path / "y.png", "t") is None
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()

@@ -229,3 +229,37 @@ def test_killed_run_leaves_a_failed_record(tmp_path, signal_name):
     process.wait(timeout=120)
     saved = json.loads((out / "results.json").read_text())
     assert saved["status"] == "failed" and signal_name in saved["error"], saved["error"]
+
+
+def test_threads_from_config_are_used_and_recorded(tiny_config, tmp_path):
+    """`threads` fixes torch's CPU threads for the run; results.json's provenance records the count."""
+    import json
+
+    import torch
+
+    from netcompress.run import run
+
+    before = torch.get_num_threads()
+    try:
+        cfg = tiny_config("threads=2")
+        run(cfg)
+        results = json.loads((tmp_path / "run" / "results.json").read_text())
+        assert results["provenance"]["machine"]["torch_threads"] == 2 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_lottery_stage_keys_differ_by_thread_count(tiny_config):
+    """The stage store never hands a result computed with other threads to a run (the dense key holds them)."""
+    from omegaconf import OmegaConf
+
+    from netcompress.protocols.lottery import job_base
+    from netcompress.pipeline.build import instantiate
+    from netcompress.protocols.stage_store import stage_key
+
+    keys = []
+    for threads in (1, 2):
+        cfg = tiny_config("protocol=lottery", f"threads={threads}")
+        protocol = instantiate(cfg.protocol)
+        keys.append(stage_key(protocol.stages.dense_parts(job_base(cfg))))
+    assert keys[0] != keys[1]

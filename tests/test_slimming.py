@@ -152,7 +152,7 @@ def test_slimming_a_model_without_batchnorm_fails_before_training(tiny_config):
     ({"prune_ratio": 1.5}, r"slimming\.prune_ratio`? must be a fraction in \[0, 1\).*1\.5"),
     ({"at_epochs": []}, "at_epochs.*non-empty list"),
     ({"prune_ratio": [0.5, 0.5]}, "one per entry of at_epochs"),
-    ({"criterion": "taylor"}, "criterion.*gamma, running_var.*'taylor'"),
+    ({"criterion": "fisher"}, "criterion.*gamma, running_var.*'fisher'"),
     ({"min_channels": 0}, "min_channels.*>= 1"),
 ])
 def test_bad_slimming_arguments(kwargs, match):
