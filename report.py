@@ -88,6 +88,8 @@ def _row(path: Path, r: dict) -> dict:
         # whole-net fractions of the dense parent (structured pruning: not the kept-filter fraction)
         "params_fraction": _fraction(r.get("params_nonzero"), r.get("lottery/dense_params")),
         "flops_fraction": r.get("lottery/flops_fraction"),
+        # compute: optimizer steps behind the result (a pruned net's include the trainings its mask inherits)
+        "steps": r.get("lottery/cumulative_steps", r.get("global_step")),
         "setting": _setting(path.parent), "extra": {key: r[key] for key in PLOT_KEYS if r.get(key) is not None},
     }
 
@@ -200,7 +202,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
         key = (row["seed"], row["model"], f" lr={row['lr']}" if row["label"].endswith(f" lr={row['lr']}") else "")
         if row["dense_acc1"] is not None and row["method"] != "dense" and key not in dense:
             dense[key] = {"label": DENSE_LABEL + key[2], "acc1": row["dense_acc1"], "remaining": 1.0, "sparsity": 0.0,
-                          "flops": row["dense_flops"], "params_fraction": 1.0, "flops_fraction": 1.0}
+                          "flops": row["dense_flops"], "params_fraction": 1.0, "flops_fraction": 1.0,
+                          "steps": None}
     for d in dense.values():
         groups[(d["label"], 0.0)].append(d)
     table = []
@@ -210,7 +213,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
                       "acc1_mean": mean, "acc1_std": std, "acc1_ci95": ci95(std, len(members)),
                       "flops_mean": _mean_of(members, "flops"),
                       "params_fraction": _mean_of(members, "params_fraction"),
-                      "flops_fraction": _mean_of(members, "flops_fraction")})
+                      "flops_fraction": _mean_of(members, "flops_fraction"),
+                      "steps_mean": _mean_of(members, "steps")})
     return table
 
 
@@ -232,12 +236,13 @@ def write_csv(table: list[dict], path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "pruned_layer_sparsity", "pruned_layer_remaining", "params_fraction",
-                         "flops_fraction", "n", "test_acc1_mean", "test_acc1_std", "test_acc1_ci95", "flops_mean"])
+                         "flops_fraction", "n", "test_acc1_mean", "test_acc1_std", "test_acc1_ci95", "flops_mean",
+                         "train_steps_mean"])
         for t in table:
             writer.writerow([t["label"], f"{t['sparsity']:.4f}", f"{t['remaining']:.4f}",
                              _fmt(t["params_fraction"], ".4f"), _fmt(t["flops_fraction"], ".4f"), t["n"],
                              f"{t['acc1_mean']:.6f}", _fmt(t["acc1_std"], ".6f"), _fmt(t["acc1_ci95"], ".6f"),
-                             _fmt(t["flops_mean"], ".0f")])
+                             _fmt(t["flops_mean"], ".0f"), _fmt(t.get("steps_mean"), ".0f")])
 
 
 def write_markdown(table: list[dict], failed: list[dict], path: Path, title: str, root: Path,
@@ -247,9 +252,11 @@ def write_markdown(table: list[dict], failed: list[dict], path: Path, title: str
              "confidence interval (Student t). *Pruned layers*: the kept "
              "fraction of the pruned layers' weights (unstructured) or filters/channels (structured); "
              "*params* and *FLOPs*: the whole net's non-zero parameters and FLOPs as a fraction of its dense "
-             "parent (blank where the run records no parent).", "",
+             "parent (blank where the run records no parent). *Train steps*: the optimizer steps behind the "
+             "result, for a pruned net including the dense run and the IMP trainings its mask inherits "
+             "(`lottery/cumulative_steps`).", "",
              "| method | pruned layers remaining | params (whole net) | FLOPs (whole net) | n | test acc1 (%) "
-             "| 95% CI | FLOPs (M) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| 95% CI | FLOPs (M) | train steps |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in table:
         std = f" +- {100 * t['acc1_std']:.2f}" if t["acc1_std"] is not None else ""
         flops = _fmt(t["flops_mean"] / 1e6 if t["flops_mean"] else None, ".2f")
@@ -257,7 +264,8 @@ def write_markdown(table: list[dict], failed: list[dict], path: Path, title: str
         flops_fraction = _fmt(100 * t["flops_fraction"] if t["flops_fraction"] is not None else None, ".1f")
         lines.append(f"| {t['label']} | {100 * t['remaining']:.1f}% | {params_fraction + '%' if params_fraction else ''} "
                      f"| {flops_fraction + '%' if flops_fraction else ''} | {t['n']} "
-                     f"| {100 * t['acc1_mean']:.2f}{std} | {_fmt(pct(t['acc1_ci95']), '.2f')} | {flops} |")
+                     f"| {100 * t['acc1_mean']:.2f}{std} | {_fmt(pct(t['acc1_ci95']), '.2f')} | {flops} "
+                     f"| {_fmt(t.get('steps_mean'), '.0f')} |")
     if pairs:
         lines += ["", "Paired differences (same seeds, same sparsity): acc1(A) - acc1(B) in points, mean +- std "
                   "and 95% CI; an interval that contains 0 is no evidence of a difference.", "",

@@ -39,7 +39,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, str(ROOT / "run.py"), "-m", f"experiment={args.experiment}", f"data.root={args.data_root}",
-           f"hydra.sweep.dir={out}", f"paths.store_dir={out}/store", *args.overrides]
+           f"hydra.sweep.dir={out}", f"paths.store_dir={out}/store", f"threads={args.threads}", *args.overrides]
     print("command:", " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env)

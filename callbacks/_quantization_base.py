@@ -155,4 +155,7 @@ class QuantizationBase(pl.Callback):
         bits = list(self.layer_bits.values())
         pl_module.report_result(f"{self.name}/bits_mean", sum(bits) / max(len(bits), 1))
         pl_module.report_result(f"{self.name}/layers", len(bits))
-        pl_module.replace_net(fq.strip(qnet).to(pl_module.device))
+        # test runs under torch.inference_mode: a copy made there would hold inference tensors, which
+        # the gradient-based evaluators after test (robustness attacks, saliency) cannot backprop through
+        with torch.inference_mode(False):
+            pl_module.replace_net(fq.strip(qnet).to(pl_module.device))

@@ -7,7 +7,7 @@ size of the model file run.py writes (``models.serialization.save_model``), FLOP
 (``model_stats.count_flops``), batch-1 and batch-64 CPU latency of net and parent timed interleaved in
 one window (``model_stats.interleaved_latency_ms``), and energy per image (evaluation/energy.py:
 RAPL when readable, else Horowitz 2014's per-operation estimate). Ratios are parent / child, so
-> 1 means the child is smaller / faster. Keys: ``cost/*`` (docs/_parts/cost.md).
+> 1 means the child is smaller / faster. Keys: ``cost/*`` (docs/retention.md (Cost)).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ Estimated: a per-operation model with the 45 nm figures of Horowitz 2014, "Compu
 problem (and what we can do about it)", ISSCC (the table Han et al. 2016, "Deep Compression",
 argue from): every multiply-accumulate at the layer's arithmetic width, every stored parameter
 read once from DRAM per image, every weighted layer's input and output moved through SRAM once.
-The model in full is :func:`estimate_energy`'s docstring and docs/_parts/cost.md.
+The model in full is :func:`estimate_energy`'s docstring and docs/retention.md (Cost).
 """
 from __future__ import annotations
 

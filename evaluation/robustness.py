@@ -21,13 +21,15 @@ corruptions and L-inf adversarial attacks, in pixel space.
 
 The nets take normalised inputs; every attack and corruption works on pixels in [0, 1]
 (``x * std + mean`` with the datamodule's statistics) and feeds ``(x - mean) / std`` to the net.
-Keys (accuracies in [0, 1]): docs/_parts/robustness.md.
+Keys (accuracies in [0, 1]): docs/retention.md (Robustness).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -43,6 +45,7 @@ from netcompress.evaluation.metrics import ClassificationMetrics, OnReference
 
 log = logging.getLogger(__name__)
 ARG = "evaluators.robustness"
+PARENT_PREFIX = "robust/parent_"  # the parent's figures: what cache_dir stores
 Forward = Callable[[Tensor], Tensor]  # pixels in [0, 1] -> logits
 
 
@@ -160,6 +163,9 @@ class Robustness:
         pgd_step_size: PGD step in pixel units (2/255 = 0.00784).
         pgd_random_start: start PGD at a uniform random point of the epsilon-ball.
         adversarial_samples: attack the first this many test images; 0 = no attacks.
+        cache_dir: folder of the parent's figures, keyed by a hash of the parent's weights, these
+            settings and the test images: every job of a sweep compressing one dense net computes
+            the parent's 36 corrupted passes and attacks once (None = always recompute).
     """
 
     name = "robustness"
@@ -167,7 +173,7 @@ class Robustness:
     def __init__(self, corruptions: Sequence[str] = tuple(CORRUPTIONS), severities: Sequence[int] = SEVERITIES,
                  seed: int = 0, max_samples: int | None = None, fgsm: bool = True, pgd_steps: int = 10,
                  epsilon: float = 8 / 255, pgd_step_size: float = 2 / 255, pgd_random_start: bool = True,
-                 adversarial_samples: int = 256) -> None:
+                 adversarial_samples: int = 256, cache_dir: str | None = None) -> None:
         if isinstance(corruptions, str) or not isinstance(corruptions, Sequence) \
                 or any(c not in CORRUPTIONS for c in corruptions) or len(set(corruptions)) != len(corruptions):
             raise ValueError(f"`{ARG}.corruptions` must be a list of distinct names from {', '.join(CORRUPTIONS)} "
@@ -194,6 +200,9 @@ class Robustness:
         self.fgsm, self.pgd_steps, self.epsilon = fgsm, pgd_steps, float(epsilon)
         self.pgd_step_size, self.pgd_random_start = float(pgd_step_size), pgd_random_start
         self.adversarial_samples = adversarial_samples
+        if cache_dir is not None and (not isinstance(cache_dir, str) or not cache_dir):
+            raise TypeError(f"`{ARG}.cache_dir` must be null or a folder path; got {cache_dir!r}")
+        self.cache_dir = Path(cache_dir) if cache_dir else None
 
     def __call__(self, net: nn.Module, datamodule: Any, parent: nn.Module | None,
                  out_dir: Path | None = None) -> dict[str, Any]:
@@ -209,12 +218,62 @@ class Robustness:
         parent = parent.to(device) if parent is not None else None
         stats = [torch.as_tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
                  for v in (datamodule.mean, datamodule.std)]
+        cache = self._cache_file(parent, datamodule, device) if parent is not None else None
+        cached = json.loads(cache.read_text()) if cache is not None and cache.is_file() else None
         figures: dict[str, Any] = {}
         with _eval_mode(net, parent):
-            figures.update(self._corruptions(net, parent, datamodule, device, *stats))
+            figures.update(self._corruptions(net, parent if cached is None else None, datamodule, device, *stats))
             if self.adversarial_samples and (self.fgsm or self.pgd_steps):
-                figures.update(self._adversarial(net, parent, datamodule, device, *stats))
+                figures.update(self._adversarial(net, parent if cached is None else None, datamodule, device, *stats))
+        if parent is None:
+            return figures
+        parent_keys = {k: v for k, v in figures.items() if k.startswith(PARENT_PREFIX)}
+        if cached is None:
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(parent_keys))
+                os.replace(tmp, cache)  # atomic: concurrent jobs of a sweep never read half a file
+        else:
+            log.info("evaluation.%s: the parent's figures come from %s (same parent weights, settings and test "
+                     "images)", self.name, cache)
+            figures.update(cached)
+            figures.update(self._against_parent(figures))
         return figures
+
+    # --- the parent's figures, computed once per (parent, settings, test images)
+
+    def _cache_file(self, parent: nn.Module, datamodule: Any, device: torch.device) -> Path | None:
+        """``cache_dir/<sha256>.json``: the hash covers the parent's state, these settings and every test image."""
+        if self.cache_dir is None:
+            return None
+        digest = hashlib.sha256()
+        settings = {k: v for k, v in vars(self).items() if k != "cache_dir"}
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        for key, tensor in parent.state_dict().items():
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        limit = max(self.max_samples or 0, self.adversarial_samples) if self.max_samples is not None else None
+        for inputs, targets in self._batches(datamodule.test_dataloader(), torch.device("cpu"), limit):
+            digest.update(inputs.float().contiguous().numpy().tobytes())
+            digest.update(targets.cpu().numpy().tobytes())
+        return self.cache_dir / f"{digest.hexdigest()}.json"
+
+    @staticmethod
+    def _against_parent(figures: Mapping[str, Any]) -> dict[str, Any]:
+        """mCE and relative mCE from the net's and the (cached) parent's per-severity accuracies."""
+        errors: dict[str, list[float]] = {}
+        parent_errors: dict[str, list[float]] = {}
+        for key, value in figures.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[2].startswith("s") and not parts[1].startswith("parent_"):
+                errors.setdefault(parts[1], []).append(1 - value)
+                parent_errors.setdefault(parts[1], []).append(1 - figures[f"{PARENT_PREFIX}{parts[1]}/{parts[2]}"])
+        if not errors:
+            return {}
+        return {"robust/mce": mce(errors, parent_errors),
+                "robust/relative_mce": relative_mce(errors, 1 - figures["robust/clean_acc"], parent_errors,
+                                                    1 - figures[f"{PARENT_PREFIX}clean_acc"])}
 
     # --- common corruptions: one pass over the (first max_samples) test images per (corruption, severity)
 
@@ -244,6 +303,8 @@ class Robustness:
             net, parent, self._batches(datamodule.test_dataloader(), device, self.max_samples, transform), num_classes)
         clean, parent_clean = run()
         figures: dict[str, Any] = {"robust/clean_acc": clean}
+        if parent is not None:
+            figures[f"{PARENT_PREFIX}clean_acc"] = parent_clean
         errors: dict[str, list[float]] = {}
         parent_errors: dict[str, list[float]] = {}
         for name in self.corruptions:
@@ -260,6 +321,7 @@ class Robustness:
                 errors.setdefault(name, []).append(1 - acc)
                 if parent is not None:
                     parent_errors.setdefault(name, []).append(1 - parent_acc)
+                    figures[f"{PARENT_PREFIX}{name}/s{severity}"] = parent_acc
             figures[f"robust/{name}"] = 1 - sum(errors[name]) / len(errors[name])
         if not self.corruptions:
             return figures

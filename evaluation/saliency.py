@@ -7,7 +7,7 @@ max over colour channels) and Grad-CAM (Selvaraju et al. 2017: ``relu(sum_k alph
 the input size. Both come from captum (``Saliency``, ``LayerGradCam``, ``LayerAttribution.interpolate``).
 Per image: Spearman rank correlation of the two nets' maps and IoU of their top-``top_percent``%
 pixels; reported as the mean over images. ``saliency_grid.png`` in the run folder shows a few images
-with both nets' maps. Keys and formulas: docs/_parts/saliency.md.
+with both nets' maps. Keys and formulas: docs/retention.md (Saliency).
 """
 from __future__ import annotations
 

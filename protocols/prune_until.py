@@ -156,7 +156,8 @@ class PruneUntilProtocol:
 
         if cfg.get("ckpt_path"):
             raise ValueError(f"protocol=prune_until resumes from its run folder ({FOLDER}/iter_*: run the same job "
-                             f"again with hydra.run.dir=<that run>), not from ckpt_path; got ckpt_path={cfg.ckpt_path!r}")
+                             f"again with hydra.run.dir=<that run>), not from ckpt_path; got "
+                             f"ckpt_path={cfg.ckpt_path!r}")
         used = sorted(set(cfg.get("callbacks") or {}) & set(compression_entries()))
         if used:
             raise ValueError(f"protocol=prune_until prunes and fine-tunes by itself, without the job's compression "
@@ -231,7 +232,8 @@ class PruneUntilProtocol:
                  f"{PREFIX}/target_reached": bool(len(history) > 1 and last[f"{self.metric}_fraction"] <= self.target),
                  f"{PREFIX}/final_params_fraction": last["params_fraction"],
                  f"{PREFIX}/final_flops_fraction": last["flops_fraction"],
-                 f"{PREFIX}/final_val_acc1": last.get("val/acc1"), f"{PREFIX}/dense_val_acc1": dense_row.get("val/acc1"),
+                 f"{PREFIX}/final_val_acc1": last.get("val/acc1"),
+                 f"{PREFIX}/dense_val_acc1": dense_row.get("val/acc1"),
                  f"{PREFIX}/dense_params": dense_row["params"], f"{PREFIX}/dense_flops": dense_row["flops"],
                  f"{PREFIX}/floor_fraction": floor[self.metric], f"{PREFIX}/layers": names,
                  f"{PREFIX}/skipped_layers": sorted(skipped), f"{PREFIX}/final_kept": last["kept"],
@@ -466,7 +468,7 @@ def plot(history: Sequence[Mapping], metric: str, target: float, floor_acc: floa
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

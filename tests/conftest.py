@@ -42,6 +42,8 @@ def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
         cfg.hydra.runtime.output_dir = str(output_dir)
         cfg.hydra.runtime.cwd = str(ROOT)
         cfg.hydra.job.num = 0
+        if not any(o.lstrip("+").startswith("paths.store_dir=") for o in overrides):
+            cfg.paths.store_dir = str(output_dir / "store")  # the stage store / evaluator caches stay in tmp
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]  # as in a real run: the app config without the hydra node

@@ -48,6 +48,7 @@ def saved_results(folder: Path) -> dict:
     return json.loads((folder / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_stops_at_the_first_iteration_at_or_below_the_target(tmp_path, store):
     out = tmp_path / "run"
     cfg = make_cfg(out, store, "protocol.step=0.3", "protocol.target.metric=flops", "protocol.target.fraction=0.3",
@@ -119,10 +120,20 @@ def test_accuracy_floor_stops_early_with_the_reason(tmp_path, store):
     assert saved_results(out)["prune_until/stop_reason"] == "accuracy_floor"
 
 
+def test_a_step_too_small_to_prune_a_filter_stops_as_stalled(tmp_path, store):
+    # round(0.01 * n) = 0 for every conv (n <= 32): nothing to prune, so nothing is fine-tuned
+    out = tmp_path / "run"
+    results = run(make_cfg(out, store, "protocol.step=0.01"))
+    assert results["prune_until/stop_reason"] == "stalled" and results["prune_until/iterations"] == 0
+    assert results["prune_until/final_flops_fraction"] == 1.0 and not iteration_dir(out, 1).exists()
+    assert results["flops"] == count_flops(dense_net(store), INPUT)
+
+
 def _without_times(history):
     return [{k: v for k, v in row.items() if k != "train_time_s"} for row in history]
 
 
+@pytest.mark.slow
 def test_resume_mid_loop_equals_uninterrupted(tmp_path, store):
     args = ["protocol.step=0.5", "protocol.target.fraction=0.3"]  # two iterations: 0.40, then 0.20 of the FLOPs
     straight = run(make_cfg(tmp_path / "straight", store, *args))
@@ -158,7 +169,8 @@ def test_impossible_target_fails_before_training(tmp_path):
     ("protocol.target.fraction=0", r"`protocol.target.fraction` must be in \(0, 1\).*got 0"),
     ("protocol.step=0", r"`protocol.step` must be in \(0, 1\).*got 0"),
     ("protocol.step=1.5", r"`protocol.step` must be in \(0, 1\).*got 1.5"),
-    ("protocol.target.metric=energy", r"`protocol.target.metric` must be one of params, flops, latency_ms; got 'energy'"),
+    ("protocol.target.metric=energy",
+     r"`protocol.target.metric` must be one of params, flops, latency_ms; got 'energy'"),
     ("protocol.round_to=0", r"`protocol.round_to` must be null .* or an int >= 1.*got 0"),
     ("protocol.round_to=2.5", r"`protocol.round_to` must be null .*got 2.5"),
     ("protocol.importance=bn_gamma", r"`protocol.importance`='bn_gamma' is not scored from a conv's own weights"),

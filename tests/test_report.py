@@ -34,6 +34,7 @@ def fake_job(folder: Path, label: str, sparsity: float, seed: int, acc: float | 
         # whole-net figures: structured pruning of some layers keeps more params than those layers' fraction
         "params_nonzero": 800 * (1 - sparsity) + 200, "lottery/dense_params": 1000,
         "lottery/flops_fraction": 1 - sparsity,
+        "lottery/cumulative_steps": 100 * (seed + 1) + round(1000 * sparsity),  # compute: differs per seed
         "config": {"optimizer": {"lr": 0.01}}})
 
 
@@ -251,3 +252,17 @@ def test_no_retention_keys_no_retention_plots(sweep, tmp_path):
     assert plot_retention_vs_compression(rows, "cost/params_ratio", tmp_path / "x.png", "t") is None
     assert plot_forgetting_heatmap(rows, tmp_path / "y.png", "t") is None
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
+def test_the_compute_column_is_the_mean_of_cumulative_steps(sweep):
+    rows, _ = collect(sweep)
+    table = {(t["label"], t["sparsity"]): t for t in aggregate(rows)}
+    for (label, sparsity), accs in ACC.items():
+        if label.startswith("dense"):
+            continue
+        seeds = [s for s, a in enumerate(accs)]
+        expected = sum(100 * (s + 1) + round(1000 * sparsity) for s in seeds) / len(seeds)
+        assert table[(label, round(sparsity, 4))]["steps_mean"] == pytest.approx(expected)
+    make_report(sweep)
+    assert "train steps" in (sweep / "report.md").read_text()
+    assert "train_steps_mean" in (sweep / "report.csv").read_text().splitlines()[0]

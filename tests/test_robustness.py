@@ -228,15 +228,16 @@ def test_an_identical_parent_gives_the_nets_own_figures_and_the_accuracies_are_t
     net, datamodule = objects["module"].net, objects["datamodule"]
     figures = run_evaluators(cfg, objects, copy.deepcopy(net))
     again = run_evaluators(cfg, objects, copy.deepcopy(net))
-    assert json.dumps(figures) == json.dumps(again)  # deterministic (noise from the seed); NaN == NaN here
+    assert json.dumps(figures, sort_keys=True) == json.dumps(again, sort_keys=True)  # deterministic (the 2nd from the cache) (noise from the seed); NaN == NaN here
     assert figures["robust/clean_acc"] == pytest.approx(results["test/acc1"], abs=1e-9)
     assert figures["robust/mce"] == pytest.approx(1.0)
     for key in ("corruption_acc", "fgsm_acc", "pgd_acc"):
         assert figures[f"robust/parent_{key}"] == figures[f"robust/{key}"]
     expected_keys = {"robust/clean_acc", "robust/corruption_acc", "robust/parent_corruption_acc", "robust/mce",
                      "robust/relative_mce", "robust/fgsm_acc", "robust/pgd_acc", "robust/parent_fgsm_acc",
-                     "robust/parent_pgd_acc", "robust/contrast", "robust/gaussian_noise",
-                     *(f"robust/{c}/s{s}" for c in ("contrast", "gaussian_noise") for s in (1, 5))}
+                     "robust/parent_pgd_acc", "robust/contrast", "robust/gaussian_noise", "robust/parent_clean_acc",
+                     *(f"robust/{p}{c}/s{s}" for p in ("", "parent_") for c in ("contrast", "gaussian_noise")
+                       for s in (1, 5))}
     assert set(figures) == expected_keys
     per_corruption = [figures[f"robust/{c}/s{s}"] for c in ("contrast", "gaussian_noise") for s in (1, 5)]
     assert figures["robust/corruption_acc"] == pytest.approx(sum(per_corruption) / 4)
@@ -313,3 +314,27 @@ def test_the_config_mirrors_the_constructor(tmp_path):
     (evaluator,) = build_evaluators(cfg.evaluators)
     assert evaluator.seed == 3 and evaluator.corruptions == list(C.CORRUPTIONS)
     assert evaluator.epsilon == pytest.approx(8 / 255) and evaluator.pgd_step_size == pytest.approx(2 / 255)
+
+
+def test_the_parents_figures_are_cached_per_parent_settings_and_test_images(tiny_config, tmp_path):
+    """A second job compressing the same parent reads the parent's figures from cache_dir: identical results,
+    and the parent runs no forward pass; another parent (or other settings) is not served from the cache."""
+    from netcompress.pipeline.fit import fit_and_test
+
+    cfg = tiny_config(*small(f"evaluators.robustness.cache_dir={tmp_path / 'cache'}"))
+    _, objects = fit_and_test(cfg)  # its own evaluation has no parent: nothing cached
+    assert not (tmp_path / "cache").exists()
+    parent = copy.deepcopy(objects["module"].net)
+    with torch.no_grad():
+        parent.get_classifier().bias.add_(0.5)  # a parent that differs from the net
+    cold = run_evaluators(cfg, objects, parent)
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+    calls = []
+    hook = parent.register_forward_hook(lambda *a: calls.append(1))
+    warm = run_evaluators(cfg, objects, parent)
+    hook.remove()
+    assert calls == [] and json.dumps(warm, sort_keys=True) == json.dumps(cold, sort_keys=True)
+    with torch.no_grad():
+        parent.get_classifier().bias.add_(0.5)
+    run_evaluators(cfg, objects, parent)  # other weights: computed, a second file
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2

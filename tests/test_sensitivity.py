@@ -259,3 +259,11 @@ def test_rounded_top_ratio_is_reachable_and_interpolated_at_the_fraction_really_
     assert steps_of(32, "structured", 0.9)[-1] == 29
     drops = drop_curve(sens, "a", [0.0, 8 / 32, 16 / 32, 29 / 32, 22.5 / 32])
     assert drops == pytest.approx([0.0, 0.05, 0.1, 0.4, 0.25])
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "activation", "bn_gamma"])
+def test_criteria_that_need_data_or_bn_are_refused_before_the_analysis(criterion):
+    from netcompress.protocols.sensitivity import SensitivityProtocol
+
+    with pytest.raises(ValueError, match=rf"protocol.importance`='{criterion}' is not scored from a layer's own weights"):
+        SensitivityProtocol(importance=criterion, budget={"metric": "flops", "target": 0.5})
