@@ -51,11 +51,11 @@ CRITERIA = ["l1", "taylor", "activation", "random"]
 OTHER = ["importance_mini_bn_gamma", "importance_mini_sensitivity"]  # one sweep each (no magnitude_pruning key)
 PREFIX = "importance_mini_"
 BASELINE = "l1"                              # the paired differences are to this criterion
-TITLE = "Importance mini: criteria at ~49% fewer FLOPs (ResNet-20 x0.5, CIFAR-10 10k)"  # fits the plots' width
+TITLE = "Importance mini: criteria at ~49% fewer FLOPs (ResNet-20 x0.5, CIFAR-10)"  # fits the plots' width
 PUBLISH_DIR = ROOT / "docs/results/importance_mini"
 
 # --smoke: the same presets on tiny synthetic data, one (fine-tuning) epoch, tiny evaluator settings.
-SMOKE = ["data=synthetic", "~data.train_subset", "data.train_size=128", "data.val_size=32", "data.test_size=64",
+SMOKE = ["data=synthetic", "~data.train_subset", "data.train_size=64", "data.val_size=32", "data.test_size=32",
          "data.batch_size=32", "latency_repeats=2", "evaluators.cost.batch_sizes=[1,8]", "evaluators.cost.repeats_b1=3",
          "evaluators.cost.repeats_b64=2", "evaluators.retention.top_k_file=10"]
 SMOKE_EPOCHS = {"importance_mini_bn_gamma": 2}  # its no-op epoch 0 + one fine-tuning epoch; the others: 1

@@ -159,3 +159,5 @@ class QuantizationBase(pl.Callback):
         # the gradient-based evaluators after test (robustness attacks, saliency) cannot backprop through
         with torch.inference_mode(False):
             pl_module.replace_net(fq.strip(qnet).to(pl_module.device))
+        if hasattr(pl_module, "set_evaluated_net"):  # the evaluators judge the quantized net, not the fp32 copy
+            pl_module.set_evaluated_net(qnet)

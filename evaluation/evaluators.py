@@ -106,16 +106,18 @@ def run_evaluators(cfg: Mapping[str, Any], objects: Mapping[str, Any], parent: n
                    out_dir: Path | None = None) -> dict[str, Any]:
     """Run the configured evaluators (``cfg.evaluators``) on the tested net; returns their merged figures.
 
-    ``objects`` is ``fit_and_test``'s ``{"trainer", "module", "datamodule"}``; the net is
-    ``module.net``; ``out_dir`` the run folder for their files. Two evaluators reporting one key
-    is an error, not a silent overwrite.
+    ``objects`` is ``fit_and_test``'s ``{"trainer", "module", "datamodule"}``; the net judged is
+    ``module.evaluated_net`` (``module.net`` unless a quantization callback set its quantized net);
+    ``out_dir`` the run folder for their files. Two evaluators reporting one key is an error, not a
+    silent overwrite.
     """
     evaluators = build_evaluators(cfg.get(KEY))
     figures: dict[str, Any] = {}
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     for evaluator in evaluators:
-        found = evaluator(objects["module"].net, objects["datamodule"], parent, out_dir)
+        module = objects["module"]
+        found = evaluator(getattr(module, "evaluated_net", module.net), objects["datamodule"], parent, out_dir)
         clash = sorted(set(found) & set(figures))
         if clash:
             raise ValueError(f"evaluator '{evaluator.name}' reports {clash}, already reported by another evaluator")

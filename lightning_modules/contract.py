@@ -12,6 +12,9 @@ Callbacks never patch a module's methods and never call each other; they use the
 * ``report_result(key, value)``: extra figures for ``results.json`` (``self.extra_results``).
 * ``set_parent(net, source)``: the dense net this one is compressed from, read back as
   ``self.parent`` (a plain attribute: never trained, moved, or saved in checkpoints).
+* ``set_evaluated_net(net)``: the net the evaluators after test should judge when it is not
+  ``self.net`` (QAT / PTQ: the fake-quantized net, while ``self.net`` becomes the plain fp32 net
+  that model.pt stores); read back as ``self.evaluated_net``.
 
 The network being compressed is ``self.net``. A module of your own mixes this in, calls
 ``init_compression_contract()`` in ``__init__``, builds its optimizers from ``self.parameters()``,
@@ -101,6 +104,18 @@ class CompressionContract:
             raise TypeError(f"set_parent takes a torch net; got {type(net).__name__}")
         if self._parent[0] is None or replace:
             self._parent = [net, str(source)]
+
+    def set_evaluated_net(self, net: nn.Module) -> None:
+        """The net ``evaluation=[...]`` judges instead of ``self.net`` (a quantization callback's quantized net)."""
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"set_evaluated_net takes a torch net; got {type(net).__name__}")
+        self._evaluated_net = [net]
+
+    @property
+    def evaluated_net(self) -> nn.Module:
+        """What the evaluators judge: the net set by ``set_evaluated_net``, else ``self.net``."""
+        held = getattr(self, "_evaluated_net", None)
+        return held[0] if held else self.net
 
     @property
     def parent(self) -> nn.Module | None:

@@ -147,8 +147,14 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def check_required(cfg: DictConfig) -> None:
-    """Values left at ``???`` (a preset's init_from, kd's teachers, imagefolder's root)."""
+    """Values left at ``???`` (kd's teachers, imagefolder's root) and the keys a preset lists in
+    ``requires`` (``[init_from]``: a preset's ``init_from: ???`` would merge onto config.yaml's
+    ``init_from: null`` as null, since OmegaConf keeps the old value when the new one is ???)."""
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+    requires = cfg.get("requires") or []
+    if isinstance(requires, str) or not all(isinstance(k, str) for k in requires):
+        raise ValueError(f"`requires` must be a list of dotted config keys (e.g. [init_from]); got {requires!r}")
+    missing += [k for k in requires if _select(cfg, k) in (None, _ABSENT) and k not in missing]
     if missing:
         key = missing[0]
         more = f" (also unset: {', '.join(missing[1:])})" if len(missing) > 1 else ""

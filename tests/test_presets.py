@@ -24,15 +24,6 @@ def parent_model(cfg, path) -> str:
     return str(path)
 
 
-def _leaves(node, prefix: str = ""):
-    """(dotted key, value) of every leaf of a plain nested dict (interpolations left unresolved)."""
-    for key, value in node.items():
-        if isinstance(value, dict):
-            yield from _leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_runs_one_step(tmp_path, preset):
@@ -44,11 +35,8 @@ def test_preset_runs_one_step(tmp_path, preset):
         cfg.data = synthetic
         cfg.trainer.pop("strategy", None)
         cfg.trainer.precision = "32-true"
-        # a preset's `init_from: ???` merges onto config.yaml's `init_from: null` as null (OmegaConf keeps the
-        # old value when the new one is ???), so the keys the preset file itself leaves missing count too
-        raw = {key for key, value in _leaves(OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{preset}.yaml")))
-               if value == "???"}
-        for key in sorted(OmegaConf.missing_keys(cfg) | raw):
+        # ??? values and the keys the preset `requires` (its init_from) get an untrained parent
+        for key in sorted(set(OmegaConf.missing_keys(cfg)) | set(cfg.get("requires") or [])):
             parent = parent_model(cfg, tmp_path / "parent.pt")
             OmegaConf.update(cfg, key, [parent] if key.endswith("teachers") else parent)
     results = run(cfg)
@@ -103,3 +91,15 @@ def test_l1norm_presets_prune_the_authors_filter_counts(tmp_path, preset, pruned
     masks = PruningRounds(prune).compute_masks(net, 1, None)
     by_stage = {f"layer{s}": {int((~m).sum()) for n, m in masks.items() if n.startswith(f"layer{s}.")} for s in (1, 2, 3)}
     assert by_stage == {f"layer{s}": {p} for s, p in zip((1, 2, 3), pruned)}
+
+
+@pytest.mark.parametrize("preset", sorted(p for p in PRESETS
+                                          if "requires:" in (CONF / "experiment" / f"{p}.yaml").read_text()))
+def test_a_preset_that_needs_a_parent_refuses_to_start_without_one(tmp_path, preset):
+    """A preset that fine-tunes a trained net must not silently train a random one when init_from is forgotten."""
+    from netcompress.pipeline.config_checks import check_config
+
+    cfg = compose_config([f"experiment={preset}"], tmp_path / "run")
+    assert "init_from" in cfg.requires and cfg.init_from is None
+    with pytest.raises(ValueError, match=r"`init_from` must be set"):
+        check_config(cfg)

@@ -350,3 +350,18 @@ def test_slimmed_then_quantized_exports_the_thin_net(tmp_path):
     full = create_model("vgg11_bn_cifar", num_classes=10, width=0.125)
     widths = {n: m.out_channels for n, m in full.named_modules() if isinstance(m, nn.Conv2d)}
     assert thin and sum(w.shape[0] for w in thin.values()) < sum(widths[n] for n in thin)
+
+
+def test_the_evaluators_judge_the_quantized_net_not_its_fp32_copy(tiny_config):
+    """After QAT, model.pt stores the plain fp32 net, but retention judges the fake-quantized net that test
+    scored: the retention per-class accuracies add up to test/acc1 of the quantized net."""
+    from netcompress.pipeline.fit import fit_and_test
+
+    cfg = tiny_config("compression=[qat]", "callbacks.qat.bits=2", "callbacks.qat.export_int8=false",
+                      "evaluation=[retention]", "trainer.max_epochs=2")
+    results, objects = fit_and_test(cfg)
+    module = objects["module"]
+    assert module.evaluated_net is not module.net  # model.pt's fp32 copy vs the quantized net
+    counts = results["test/class_counts"]
+    judged = sum(a * n for a, n in zip(results["retention/per_class_acc1"], counts) if n) / sum(counts)
+    assert judged == pytest.approx(results["test/acc1"], abs=1e-9)
