@@ -62,11 +62,14 @@ def _get(config: dict, dotted: str) -> Any:
 
 
 def _compression_label(config: dict) -> str:
-    """A plain run's label: its compression entries (callbacks built from conf/compression), or dense."""
+    """A plain run's label: its compression entries (callbacks built from conf/compression), or dense,
+    plus its preset's ``task_name`` when it has one (qat at 8 and at 4 bits are two presets, two lines)."""
     entries = [name for name, entry in (config.get("callbacks") or {}).items()
                if isinstance(entry, dict) and str(entry.get("_target_", "")).startswith("netcompress.callbacks.")
                and name != "noop"]
-    return "+".join(entries) or "dense"
+    label = "+".join(entries) or "dense"
+    task = config.get("task_name")
+    return f"{label} [{task}]" if task and task not in ("train", label) else label
 
 
 def _fraction(part: Any, whole: Any) -> float | None:

@@ -250,7 +250,7 @@ def test_fixed_mask_keeps_pruned_weights_at_zero_and_resumes_equal(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["protocol.method=lth"], r"protocol.method must be one of dense, finetune, rewind, reinit, random_prune, scratch_e, scratch_b; got 'lth'"),
+    (["protocol.method=lth"], r"protocol.method must be one of dense, dense_reinit_seed, dense_compute_matched, finetune, rewind, reinit, random_prune, scratch_e, scratch_b; got 'lth'"),
     (["protocol.rewind_step=5"], r"`protocol.rewind_step`=5 must be one of protocol.snapshot_steps=\[0\]"),
     (["protocol.prune.rate=1.2"], r"`protocol.prune.rate` must be in \(0, 1\).*got 1.2"),
     (["protocol.prune.round=0"], r"`protocol.prune.round` must be an int >= 1; got 0"),
@@ -305,7 +305,8 @@ def test_a_registered_retraining_method_is_selectable_by_name(tmp_path, stub_met
 
 def test_an_unknown_method_lists_the_registered_ones(tmp_path, stub_method):
     names = list(RETRAINING)
-    assert names[:7] == ["dense", "finetune", "rewind", "reinit", "random_prune", "scratch_e", "scratch_b"]
+    assert names[:9] == ["dense", "dense_reinit_seed", "dense_compute_matched", "finetune", "rewind", "reinit",
+                         "random_prune", "scratch_e", "scratch_b"]
     assert names[-1] == "stub_trained"
     with pytest.raises(ValueError, match=rf"protocol.method must be one of {', '.join(names)}; got 'lth'"):
         protocol_of(make_cfg(tmp_path, "job", "protocol.method=lth"))

@@ -127,6 +127,16 @@ def test_plain_sweep_jobs_are_labelled_by_their_compression_entries(tmp_path):
     assert sorted(r["label"] for r in collect(tmp_path)[0]) == ["dense", "magnitude_pruning"]
 
 
+def test_presets_with_the_same_entries_are_told_apart_by_task_name(tmp_path):
+    qat = {"qat": {"_target_": "netcompress.callbacks.qat.QAT"}}
+    for name, task in (("a", "retention_mini_qat8"), ("b", "retention_mini_qat4"), ("c", "train")):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        write_results(tmp_path / name, {"status": "ok", "seed": 0, "test/acc1": 0.5,
+                                        "config": {"callbacks": qat, "task_name": task}})
+    assert sorted(r["label"] for r in collect(tmp_path)[0]) == [
+        "qat", "qat [retention_mini_qat4]", "qat [retention_mini_qat8]"]
+
+
 def test_dense_jobs_of_a_rethinking_sweep_are_the_one_dense_line(tmp_path):
     """A sweep with method=dense jobs (Rethinking's unpruned column) reports each dense net once:
     the dense jobs and the dense nets the other jobs started from are the same nets."""

@@ -43,8 +43,8 @@ ENTRIES = {
 
 
 def is_timing(key: str) -> bool:
-    """Keys that hold a measured time (``latency_ms``, ``int8/latency_ms``, ``train_time_s``, ...)."""
-    return key in TIMING_KEYS or "latency" in key or key.endswith("_time_s")
+    """Keys that hold a measured time (``latency_ms``, ``int8/latency_ms``, ``train_time_s``, ``cost/speedup_b1``, ...)."""
+    return key in TIMING_KEYS or "latency" in key or key.endswith("_time_s") or key.startswith("cost/speedup")
 
 
 def comparable_config(config: dict, run_dir: Path) -> str:

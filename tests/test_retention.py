@@ -320,13 +320,13 @@ def test_forgotten_csv_points_at_the_right_test_images(tmp_path):
 # ----- end to end from config ----------------------------------------------------------------------
 
 def test_retention_is_on_by_default_and_off_with_an_empty_list(tmp_path):
-    assert list(compose_config(TINY, tmp_path).evaluators) == ["retention"]
+    assert list(compose_config(TINY, tmp_path).evaluators) == ["retention", "cost"]
     assert compose_config([*TINY, "evaluation=[]"], tmp_path).get("evaluators") is None
-    assert [e.name for e in build_evaluators(compose_config(TINY, tmp_path).evaluators)] == ["retention"]
+    assert [e.name for e in build_evaluators(compose_config(TINY, tmp_path).evaluators)] == ["retention", "cost"]
 
 
 def test_an_identical_parent_agrees_everywhere_and_forgets_nothing(tiny_config, tmp_path):
-    cfg = tiny_config()
+    cfg = tiny_config("evaluation=[retention]")
     results, objects = fit_and_test(cfg)
     net = objects["module"].net
     before = copy.deepcopy(net.state_dict())
