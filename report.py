@@ -62,14 +62,23 @@ def _get(config: dict, dotted: str) -> Any:
 
 
 def _compression_label(config: dict) -> str:
-    """A plain run's label: its compression entries (callbacks built from conf/compression), or dense,
-    plus its preset's ``task_name`` when it has one (qat at 8 and at 4 bits are two presets, two lines)."""
+    """A plain run's label: its compression entries (callbacks built from conf/compression), or dense."""
     entries = [name for name, entry in (config.get("callbacks") or {}).items()
                if isinstance(entry, dict) and str(entry.get("_target_", "")).startswith("netcompress.callbacks.")
                and name != "noop"]
-    label = "+".join(entries) or "dense"
-    task = config.get("task_name")
-    return f"{label} [{task}]" if task and task not in ("train", label) else label
+    return "+".join(entries) or "dense"
+
+
+def _tell_presets_apart(rows: list[dict]) -> None:
+    """Plain runs with the same entries from different presets (qat at 8 and at 4 bits) get their
+    ``task_name`` in the label, so they are two lines, not one."""
+    tasks: dict[str, set] = defaultdict(set)
+    for row in rows:
+        if row["method"] == "run":
+            tasks[row["label"]].add(row["task"])
+    for row in rows:
+        if row["method"] == "run" and len(tasks[row["label"]]) > 1:
+            row["label"] = f"{row['label']} [{row['task']}]"
 
 
 def _fraction(part: Any, whole: Any) -> float | None:
@@ -82,7 +91,7 @@ def _row(path: Path, r: dict) -> dict:
     method = r.get("lottery/method") or "run"
     return {
         "dir": str(path.parent), "label": r.get("lottery/label") or r.get("lottery/method") or _compression_label(config),
-        "method": method, "lr": _get(config, "optimizer.lr"), "seed": r.get("seed"),
+        "method": method, "lr": _get(config, "optimizer.lr"), "seed": r.get("seed"), "task": config.get("task_name"),
         "model": r.get("model_name"), "round": r.get("lottery/round", 0) or 0, "sparsity": float(sparsity),
         "remaining": 1.0 - float(sparsity), "acc1": r.get("test/acc1"),
         "flops": r.get("lottery/effective_flops", r.get("flops")), "dense_acc1": r.get("lottery/dense_test_acc1"),
@@ -143,6 +152,7 @@ def collect(root: str | Path) -> tuple[list[dict], list[dict]]:
     if not rows and not failed:
         raise FileNotFoundError(f"report: no results.json and no Hydra job folder under {str(root)!r}; pass a "
                                 "multirun folder (logs/<task_name>/multiruns/<date>_<time>) or a run folder")
+    _tell_presets_apart(rows)
     if len({row["lr"] for row in rows}) > 1:  # a sweep over lr: one line per (method, lr)
         for row in rows:
             row["label"] = f"{row['label']} lr={row['lr']}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -134,7 +135,10 @@ def test_presets_with_the_same_entries_are_told_apart_by_task_name(tmp_path):
         write_results(tmp_path / name, {"status": "ok", "seed": 0, "test/acc1": 0.5,
                                         "config": {"callbacks": qat, "task_name": task}})
     assert sorted(r["label"] for r in collect(tmp_path)[0]) == [
-        "qat", "qat [retention_mini_qat4]", "qat [retention_mini_qat8]"]
+        "qat [retention_mini_qat4]", "qat [retention_mini_qat8]", "qat [train]"]
+    shutil.rmtree(tmp_path / "a")
+    shutil.rmtree(tmp_path / "b")
+    assert [r["label"] for r in collect(tmp_path)[0]] == ["qat"]  # one preset: its entries alone
 
 
 def test_dense_jobs_of_a_rethinking_sweep_are_the_one_dense_line(tmp_path):
