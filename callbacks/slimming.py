@@ -21,7 +21,7 @@ from netcompress.compression.channel_removal import check_removable, example_inp
 from netcompress.compression.calibration import calibrated, train_batches
 from netcompress.compression.checks import check_int
 from netcompress.compression.importance import check_applies, check_importance, get_criterion, score
-from netcompress.compression.masks import check_sparsity, masks_from_scores
+from netcompress.compression.masks import check_round_to, check_sparsity, masks_from_scores, round_kept
 from netcompress.lightning_modules.contract import require_contract
 
 KEY = "callbacks.slimming"
@@ -30,10 +30,11 @@ CRITERION_ALIASES = {"gamma": "bn_gamma", "running_var": "bn_variance"}
 
 
 def slimming_masks(bns: dict[str, nn.Module], ratio: float, criterion: str = "bn_gamma",
-                   min_channels: int = 1) -> dict[str, torch.Tensor]:
+                   min_channels: int = 1, round_to: int | None = None) -> dict[str, torch.Tensor]:
     """Bool keep-masks: the ``round(ratio * N)`` channels of lowest ``criterion`` score (a name of
     ``compression.importance``) over all layers are dropped (one global threshold, ties by
-    position), then each layer keeps at least ``min_channels``."""
+    position), then each layer keeps at least ``min_channels``, its count rounded down to a
+    multiple of ``round_to`` (at least one multiple; ``compression.masks.round_kept``)."""
     criterion = check_importance(criterion, "criterion", CRITERION_ALIASES)
     scores = {name: score(criterion, bn).float().cpu() for name, bn in bns.items()}
     masks = masks_from_scores(scores, ratio, "global")
@@ -41,6 +42,7 @@ def slimming_masks(bns: dict[str, nn.Module], ratio: float, criterion: str = "bn
         floor = min(min_channels, keep.numel())
         if int(keep.sum()) < floor:
             keep[torch.topk(scores[name], floor).indices] = True
+        masks[name] = round_kept(keep, scores[name], round_to)
     return masks
 
 
@@ -63,6 +65,8 @@ class Slimming(pl.Callback):
         min_channels: channels every BN layer keeps at least (so no layer empties).
         finetune_lr: learning rate of the rebuilt optimizer (null keeps the configured one).
         include/exclude: module-name patterns of the BatchNorm layers whose channels may go.
+        round_to: each BN layer's kept channels rounded down to a multiple of this (hardware-friendly
+            widths; at least one multiple); null = no rounding.
     """
 
     CAPABILITIES = frozenset({"single", "reshapes_net", "edits_weights"})  # rules: pipeline/combinations.py
@@ -70,8 +74,9 @@ class Slimming(pl.Callback):
     def __init__(self, prune_ratio: float | Sequence[float] = 0.7, at_epochs: Sequence[int] = (160,),
                  criterion: str = "bn_gamma", min_channels: int = 1, finetune_lr: float | None = None,
                  include: Sequence[str] = ("*",), exclude: Sequence[str] = (), calibration_batches: int = 8,
-                 seed: int = 0) -> None:
+                 seed: int = 0, round_to: int | None = None) -> None:
         super().__init__()
+        self.round_to = check_round_to(round_to, f"`{KEY}.round_to`")
         if isinstance(at_epochs, int) or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1
                                                  for e in at_epochs) or not at_epochs:
             raise ValueError(f"`{KEY}.at_epochs` must be a non-empty list of epochs >= 1, e.g. [160]; "
@@ -128,7 +133,7 @@ class Slimming(pl.Callback):
         loader = train_batches(trainer) if get_criterion(self.criterion).needs_data else None
         with calibrated(net, bns, self.criterion, loader, self.calibration_batches, self.seed,
                         key=f"{KEY}.calibration_batches", seed_key=f"{KEY}.seed"):
-            keep = slimming_masks(bns, ratio, self.criterion, self.min_channels)
+            keep = slimming_masks(bns, ratio, self.criterion, self.min_channels, self.round_to)
         before = sum(p.numel() for p in net.parameters())
         channels_before = sum(m.numel() for m in keep.values())
         thin = remove_channels(net, keep, example_input(net, getattr(trainer.datamodule, "input_size", None)))

@@ -210,3 +210,25 @@ def test_slimming_a_grouped_conv_net_runs_to_the_end(tiny_config):
         if isinstance(m, nn.Conv2d):
             assert m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0
             assert m.weight.shape[1] * m.groups == m.in_channels
+
+
+def test_round_to_keeps_multiples_of_it_in_every_layer():
+    """round_to=4: every layer keeps a multiple of 4 channels (at least 4), the best-scored ones."""
+    import torch
+    from torch import nn
+
+    from netcompress.callbacks.slimming import Slimming, slimming_masks
+
+    torch.manual_seed(0)
+    bns = {f"bn{i}": nn.BatchNorm2d(c) for i, c in enumerate((16, 24, 10))}
+    for bn in bns.values():
+        bn.weight.data = torch.rand_like(bn.weight)
+    plain = slimming_masks(bns, 0.5)
+    rounded = slimming_masks(bns, 0.5, round_to=4)
+    for name, keep in rounded.items():
+        kept, before = int(keep.sum()), int(plain[name].sum())
+        assert kept % 4 == 0 and kept >= 4 and kept == max(4, before - before % 4)
+        gamma = bns[name].weight.abs()
+        assert gamma[keep].min() >= gamma[~keep].max() if (~keep).any() else True  # the strongest are kept
+    with pytest.raises(ValueError, match="callbacks.slimming.round_to` must be null"):
+        Slimming(round_to=0)
