@@ -74,7 +74,7 @@ def test_settings_of_an_entry_not_in_the_compression_list_are_refused(tiny_confi
 @pytest.mark.parametrize("overrides, match", [
     (["compression=[slimming]", "+callbacks.slimming.prune_ratoi=0.5"],
      r"`callbacks\.slimming\.prune_ratoi` is not an argument of netcompress\.callbacks\.slimming\.Slimming "
-     r"\(did you mean prune_ratio\?\); valid keys under callbacks\.slimming: prune_ratio, at_epochs"),
+     r"\(did you mean prune_ratio[^)]*\?\); valid keys under callbacks\.slimming: prune_ratio, at_epochs"),
     (["+optimizer.lrr=0.1"], r"`optimizer\.lrr` is not an argument of torch\.optim\.SGD \(did you mean lr\?\); "
                              r"valid keys under optimizer: lr, momentum"),
     (["+data.image_sise=32"], r"`data\.image_sise` is not an argument of .*SyntheticDataModule \(did you mean "
