@@ -110,6 +110,18 @@ def get_criterion(name: str, key: str = "importance") -> Criterion:
     return IMPORTANCE[check_importance(name, key)]
 
 
+def check_weight_criterion(name: Any, key: str) -> str:
+    """``check_importance``, and the criterion must score a layer from its own weights alone (no
+    calibration pass, seed or BatchNorm): what the sensitivity and prune-until protocols can use."""
+    name = check_importance(name, key)
+    criterion = IMPORTANCE[name]
+    if criterion.calibrated or criterion.types is not None or criterion.per_channel:
+        usable = [n for n, c in IMPORTANCE.items() if not (c.calibrated or c.types or c.per_channel)]
+        raise ValueError(f"{key}={name!r} is not scored from a layer's own weights (it needs a calibration "
+                         f"pass, a seed or BatchNorm layers); use one of {', '.join(usable)}")
+    return name
+
+
 def check_applies(name: str, modules: Mapping[str, nn.Module], key: str = "importance") -> None:
     """ValueError naming ``key`` if criterion ``name`` cannot score one of ``modules`` (checked before training)."""
     criterion = IMPORTANCE[check_importance(name, key)]

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from netcompress.compression.channel_removal import remove_channels
 from netcompress.compression.checks import check_int, plain
-from netcompress.compression.importance import IMPORTANCE, check_importance
+from netcompress.compression.importance import check_weight_criterion
 from netcompress.compression.masks import ROUNDINGS, SCOPES, check_choice, check_round_to, structured_masks
 from netcompress.compression.sensitivity import candidate_layers
 from netcompress.evaluation.model_stats import count_flops, count_parameters, measure_latency_ms
@@ -103,12 +103,7 @@ class PruneUntilProtocol:
         self.target = _fraction(target.get("fraction", 0.5), f"{KEY}.target.fraction",
                                 "the fraction of the dense net's size to reach; 0.5 = half")
         self.step = _fraction(step, f"{KEY}.step", "the fraction of the remaining filters pruned per iteration")
-        self.importance = check_importance(importance, f"`{KEY}.importance`")
-        criterion = IMPORTANCE[self.importance]
-        if criterion.calibrated or criterion.types is not None or criterion.per_channel:
-            usable = [n for n, c in IMPORTANCE.items() if not (c.calibrated or c.types or c.per_channel)]
-            raise ValueError(f"`{KEY}.importance`={importance!r} is not scored from a conv's own weights (it needs a "
-                             f"calibration pass, a seed or BatchNorm layers); use one of {', '.join(usable)}")
+        self.importance = check_weight_criterion(importance, f"`{KEY}.importance`")
         self.scope = check_choice(scope, SCOPES, f"`{KEY}.scope`")
         self.rounding = check_choice(rounding, ROUNDINGS, f"`{KEY}.rounding`")
         if self.rounding != "nearest" and self.scope != "layer":

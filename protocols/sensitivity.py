@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from netcompress.compression.budget import ALLOCATORS, CostModel, allocate, check_metric, check_reachable, check_target
 from netcompress.compression.checks import check_int, plain
-from netcompress.compression.importance import check_importance, get_criterion, importance_names
+from netcompress.compression.importance import check_weight_criterion
 from netcompress.compression.masks import check_choice
 from netcompress.compression.sensitivity import KINDS, Sensitivity, candidate_layers, check_ratios, sensitivity_table
 from netcompress.evaluation.model_stats import count_flops, count_parameters
@@ -72,13 +72,7 @@ class SensitivityProtocol:
                  allocator: str = "equal_drop", limit_batches: int | None = None, train_dense: bool = False,
                  store_dir: str | None = None, finetune: Mapping | None = None) -> None:
         self.kind = check_choice(kind, KINDS, f"`{KEY}.kind`")
-        self.importance = check_importance(importance, f"`{KEY}.importance`")
-        criterion = get_criterion(self.importance)
-        if criterion.calibrated or criterion.types is not None or criterion.per_channel:
-            usable = [n for n in importance_names() if not (get_criterion(n).calibrated or get_criterion(n).types
-                                                            or get_criterion(n).per_channel)]
-            raise ValueError(f"`{KEY}.importance`={importance!r} is not scored from a layer's own weights (it needs a "
-                             f"calibration pass, a seed or BatchNorm layers); use one of {', '.join(usable)}")
+        self.importance = check_weight_criterion(importance, f"`{KEY}.importance`")
         self.ratios = check_ratios(plain(ratios), f"{KEY}.ratios")
         self.include = _patterns(plain(include), f"{KEY}.include")
         self.exclude = _patterns(plain(exclude), f"{KEY}.exclude")

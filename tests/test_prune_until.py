@@ -173,7 +173,7 @@ def test_impossible_target_fails_before_training(tmp_path):
      r"`protocol.target.metric` must be one of params, flops, latency_ms; got 'energy'"),
     ("protocol.round_to=0", r"`protocol.round_to` must be null .* or an int >= 1.*got 0"),
     ("protocol.round_to=2.5", r"`protocol.round_to` must be null .*got 2.5"),
-    ("protocol.importance=bn_gamma", r"`protocol.importance`='bn_gamma' is not scored from a conv's own weights"),
+    ("protocol.importance=bn_gamma", r"`protocol.importance`='bn_gamma' is not scored from a layer's own weights"),
     ("protocol.scope=global", None),
 ])
 def test_bad_settings_fail_at_construction(tmp_path, override, match):
