@@ -1,11 +1,11 @@
-"""Per-layer pruning ratios under a FLOPs / parameter budget, chosen from sensitivity curves.
+"""Per-layer pruning ratios under a FLOPs / parameter / measured-latency budget, from sensitivity curves.
 
 The allocation step of sensitivity-driven pruning (Li et al. 2017, "Pruning Filters for Efficient
 ConvNets", section 4.1: prune the insensitive layers harder): given each layer's accuracy-drop
-curve (``compression.sensitivity``) and a target fraction of FLOPs or parameters to keep, pick
-one ratio per layer. Allocators are a registry (``ALLOCATORS``); ``equal_drop`` raises one common
-accuracy-drop threshold, one filter at a time, until the budget is met, so every layer ends as
-far pruned as that threshold allows.
+curve (``compression.sensitivity``) and a target fraction of FLOPs, parameters or batch-1 CPU
+latency to keep, pick one ratio per layer. Allocators are a registry (``ALLOCATORS``);
+``equal_drop`` raises one common accuracy-drop threshold, one filter at a time, and stops at the
+first allocation that meets the budget, so every layer ends as far pruned as that threshold allows.
 
 ``CostModel`` predicts the budget of a choice from the layer shapes alone (no thinning): a
 Conv2d/Linear's FLOPs and weights scale with (kept output filters / all) x (kept input channels /
@@ -16,13 +16,15 @@ gamma/beta go with each filter). FLOPs per layer come from the same counter as
 counted there either), so the prediction is exact for plain chains and residual nets whose
 pruned convs are not coupled (tests/test_sensitivity.py checks it against a thinned network).
 Unstructured: a layer's FLOPs and non-zero weights scale with its density (sparse-kernel FLOPs).
+Latency is not modelled but measured (``compression.latency_model``: thin and time each queried
+allocation, NetAdapt-style), so the allocator bisects its path instead of testing every step.
 """
 from __future__ import annotations
 
 import heapq
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -30,18 +32,22 @@ from torch import nn
 from netcompress.compression.sensitivity import KINDS, Sensitivity, drop_curve, pruned_units
 from netcompress.evaluation.model_stats import count_flops, count_parameters, layer_flops
 
-METRICS = ("params", "flops")
-UNSUPPORTED_METRICS = {"latency_ms": "measured latency is not modelled: it would need a timing per allocation "
-                                    "step (minutes on a shared CPU) and is not additive over layers"}
+if TYPE_CHECKING:
+    from netcompress.compression.latency_model import MeasuredLatency
+
+METRICS = ("params", "flops")          # predicted by CostModel
+MEASURED = ("latency_ms",)             # measured by compression.latency_model.MeasuredLatency (structured only)
 UNSTRUCTURED_STEP = 0.01  # unstructured allocation moves 1% of one layer's weights per step
 
 
-def check_metric(metric: object, key: str = "budget") -> str:
-    if metric in UNSUPPORTED_METRICS:
-        raise ValueError(f"`{key}.metric`={metric!r} is not implemented ({UNSUPPORTED_METRICS[metric]}); use one of "
-                         f"{', '.join(METRICS)}")
-    if metric not in METRICS:
-        raise ValueError(f"`{key}.metric` must be one of {', '.join(METRICS)}; got {metric!r}")
+def check_metric(metric: object, key: str = "budget", kind: str = "structured") -> str:
+    """A budget metric: params | flops, or latency_ms (measured; structured pruning only)."""
+    if metric not in METRICS + MEASURED:
+        raise ValueError(f"`{key}.metric` must be one of {', '.join(METRICS + MEASURED)}; got {metric!r}")
+    if metric in MEASURED and kind != "structured":
+        raise ValueError(f"`{key}.metric`={metric!r} needs kind=structured: zeroed single weights run through the "
+                         "same dense kernels, so unstructured sparsity does not change the measured latency; use "
+                         "flops or params (sparse-kernel counts) for unstructured pruning")
     return str(metric)
 
 
@@ -160,15 +166,19 @@ class Allocation:
 
     ratios: dict[str, float]
     pruned: dict[str, int]
-    predicted: dict[str, float]   # {params, flops}: fractions of the dense network kept
+    predicted: dict[str, float]   # {params, flops[, latency_ms]}: fractions of the dense network kept
     threshold: float              # the common accuracy drop reached (equal_drop)
     drops: dict[str, float]       # each layer's predicted drop at its ratio (from its curve)
     metric: str
     target: float
     method: str
+    queries: int = 0              # budget evaluations the allocator made (latency: allocations timed)
 
 
-Allocator = Callable[[Sensitivity, CostModel, str, float, dict[str, list[int]]], Allocation]
+Fraction = Callable[[Mapping[str, int]], float]  # pruned units per layer -> kept fraction of the budget metric
+# (sensitivity, allocation steps per layer, budget fraction, target) -> (pruned per layer, threshold, drop per layer)
+Allocator = Callable[[Sensitivity, Mapping[str, list[int]], Fraction, float],
+                     tuple[dict[str, int], float, dict[str, float]]]
 ALLOCATORS: dict[str, Allocator] = {}
 
 
@@ -190,46 +200,77 @@ def steps_of(units: int, kind: str, max_ratio: float) -> list[int]:
     return sorted({min(top, round(i * UNSTRUCTURED_STEP * units)) for i in range(int(1 / UNSTRUCTURED_STEP) + 1)})
 
 
-@register_allocator("equal_drop")
-def equal_drop(sens: Sensitivity, cost: CostModel, metric: str, target: float,
-               steps: dict[str, list[int]]) -> Allocation:
-    """Raise one accuracy-drop threshold until the budget is met: each step prunes one more unit
-    (filter) of the layer whose next step costs the least accuracy, so all layers stay at the same
-    threshold (ties: layer order). Stops at the first allocation that meets the target: undoing its
-    last step would miss it, so the target is met within one step (one filter of one layer)."""
+def equal_drop_path(sens: Sensitivity, steps: Mapping[str, list[int]]) -> list[tuple[str, float]]:
+    """The equal-drop order of moves: each (layer, drop) advances ``layer`` one step of ``steps``, always the
+    layer whose next step costs the least accuracy (ties: layer order), until every layer is at its last."""
     layers = list(steps)
     drops = {layer: drop_curve(sens, layer, [p / sens.units[layer] for p in steps[layer]]) for layer in layers}
     index = {layer: 0 for layer in layers}
     heap = [(drops[layer][1], order, layer) for order, layer in enumerate(layers) if len(steps[layer]) > 1]
     heapq.heapify(heap)
-    threshold = 0.0
-    pruned = {layer: 0 for layer in layers}
-    while cost.fraction(pruned)[metric] > target and heap:
+    moves = []
+    while heap:
         drop, order, layer = heapq.heappop(heap)
         index[layer] += 1
-        pruned[layer] = steps[layer][index[layer]]
-        threshold = max(threshold, drop)
+        moves.append((layer, drop))
         if index[layer] + 1 < len(steps[layer]):
             heapq.heappush(heap, (drops[layer][index[layer] + 1], order, layer))
-    return Allocation(ratios={layer: pruned[layer] / sens.units[layer] for layer in layers}, pruned=pruned,
-                      predicted=cost.fraction(pruned), threshold=threshold,
-                      drops={layer: drops[layer][index[layer]] for layer in layers}, metric=metric, target=target,
-                      method="equal_drop")
+    return moves
 
 
-def check_reachable(cost: CostModel, metric: str, target: float, max_ratio: float, key: str = "budget") -> None:
+def _after(moves: Sequence[tuple[str, float]], count: int, steps: Mapping[str, list[int]]) -> dict[str, int]:
+    """Pruned units per layer after the first ``count`` moves."""
+    index = {layer: 0 for layer in steps}
+    for layer, _ in moves[:count]:
+        index[layer] += 1
+    return {layer: steps[layer][i] for layer, i in index.items()}
+
+
+@register_allocator("equal_drop")
+def equal_drop(sens: Sensitivity, steps: Mapping[str, list[int]], fraction: Fraction,
+               target: float) -> tuple[dict[str, int], float, dict[str, float]]:
+    """Raise one accuracy-drop threshold until the budget is met: each step prunes one more unit
+    (filter) of the layer whose next step costs the least accuracy, so all layers stay at the same
+    threshold. Returns the first allocation of that path that meets the target (undoing its last
+    step would miss it: the target is met within one step, one filter of one layer), found by
+    bisection, since pruning more never raises the cost (exact for FLOPs / params; for measured
+    latency up to timing noise, with about log2(steps) allocations timed instead of all)."""
+    moves = equal_drop_path(sens, steps)
+    lo, hi = 0, len(moves)  # fraction(after lo moves) > target; fraction(after hi moves) <= target (checked)
+    if fraction(_after(moves, 0, steps)) <= target:
+        hi = 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fraction(_after(moves, mid, steps)) <= target:
+            hi = mid
+        else:
+            lo = mid
+    pruned = _after(moves, hi, steps)
+    threshold = max((drop for _, drop in moves[:hi]), default=0.0)
+    drops = {layer: drop_curve(sens, layer, [pruned[layer] / sens.units[layer]])[0] for layer in steps}
+    return pruned, threshold, drops
+
+
+def check_reachable(cost: CostModel, metric: str, target: float, max_ratio: float, key: str = "budget",
+                    latency: "MeasuredLatency | None" = None) -> None:
     """ValueError naming ``key.target`` when no allocation (one filter left per layer) or none within the
     measured curves (every layer at ``max_ratio``, the grid's largest) can keep as little as ``target``.
-    Needs only the cost model, so a protocol checks it before the analysis."""
+    Needs only the cost model (latency: two timings), so a protocol checks it before the analysis."""
+    def kept(pruned: Mapping[str, int]) -> float:
+        return latency.fraction(pruned) if metric in MEASURED else cost.fraction(pruned)[metric]
+
+    if metric in MEASURED and latency is None:
+        raise ValueError(f"`{key}.metric`={metric!r} is measured: pass a MeasuredLatency (latency=...)")
     floor = {layer: n - 1 for layer, n in cost.units.items()}
-    lowest = cost.fraction(floor)[metric]
+    lowest = kept(floor)
     if target < lowest:
         raise ValueError(f"`{key}.target`={target} is below the smallest {metric} fraction any allocation can reach "
-                         f"({lowest:.4f}, with one {'filter' if cost.kind == 'structured' else 'weight'} left in each "
-                         f"of the {len(floor)} analysed layers; the others stay dense); raise the target or "
-                         "analyse more layers (include/exclude)")
+                         f"({lowest:.4f}{' measured' if metric in MEASURED else ''}, with one "
+                         f"{'filter' if cost.kind == 'structured' else 'weight'} left in each of the {len(floor)} "
+                         "analysed layers; the others stay dense); raise the target or analyse more layers "
+                         "(include/exclude)")
     top = {layer: steps_of(n, cost.kind, max_ratio)[-1] for layer, n in cost.units.items()}
-    measured = cost.fraction(top)[metric]
+    measured = kept(top)
     if target < measured:
         raise ValueError(f"`{key}.target`={target} needs more pruning than the measured curves cover ({metric} "
                          f"fraction {measured:.4f} with every layer at the largest ratio {max_ratio}); add "
@@ -237,15 +278,31 @@ def check_reachable(cost: CostModel, metric: str, target: float, max_ratio: floa
 
 
 def allocate(sens: Sensitivity, cost: CostModel, metric: str = "flops", target: float = 0.5,
-             method: str = "equal_drop", key: str = "budget") -> Allocation:
-    """Per-layer ratios keeping at most ``target`` of the dense ``metric`` (params | flops), by the
-    allocator ``method`` of ``ALLOCATORS``; ValueError naming ``key`` for a bad or unreachable target."""
-    metric = check_metric(metric, key)
+             method: str = "equal_drop", key: str = "budget", latency: "MeasuredLatency | None" = None
+             ) -> Allocation:
+    """Per-layer ratios keeping at most ``target`` of the dense ``metric`` (params | flops predicted by
+    ``cost``; latency_ms measured by ``latency``), by the allocator ``method`` of ``ALLOCATORS``;
+    ValueError naming ``key`` for a bad or unreachable target."""
+    metric = check_metric(metric, key, sens.kind)
     target = check_target(target, key)
     if method not in ALLOCATORS:
         raise ValueError(f"`{key}.method` must be one of {', '.join(ALLOCATORS)}; got {method!r}")
     if set(cost.layers) != set(sens.table):
         raise ValueError(f"allocate: the cost model's layers {cost.layers} differ from the analysed {list(sens.table)}")
-    check_reachable(cost, metric, target, sens.ratios[-1], key)
+    if metric in MEASURED and (latency is None or set(latency.layers) != set(cost.layers)):
+        raise ValueError(f"`{key}.metric`={metric!r} is measured: pass a MeasuredLatency over the analysed layers")
+    check_reachable(cost, metric, target, sens.ratios[-1], key, latency)
     steps = {layer: steps_of(sens.units[layer], sens.kind, sens.ratios[-1]) for layer in cost.layers}
-    return ALLOCATORS[method](sens, cost, metric, target, steps)
+    queries = []
+
+    def fraction(pruned: Mapping[str, int]) -> float:
+        queries.append(1)
+        return latency.fraction(pruned) if metric in MEASURED else cost.fraction(pruned)[metric]
+
+    pruned, threshold, drops = ALLOCATORS[method](sens, steps, fraction, target)
+    predicted = cost.fraction(pruned)
+    if metric in MEASURED:
+        predicted[metric] = latency.fraction(pruned)
+    return Allocation(ratios={layer: pruned[layer] / sens.units[layer] for layer in cost.layers}, pruned=pruned,
+                      predicted=predicted, threshold=threshold, drops=drops, metric=metric, target=target,
+                      method=method, queries=len(queries))

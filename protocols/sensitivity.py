@@ -2,8 +2,8 @@
 
 Li et al. 2017 ("Pruning Filters for Efficient ConvNets", section 4.1): prune each layer alone at
 a grid of ratios and evaluate without retraining (``compression.sensitivity``); choose one ratio
-per layer so that the network keeps ``budget.target`` of its FLOPs or parameters
-(``compression.budget``, equal accuracy drop across layers); then prune the dense net one-shot at
+per layer so that the network keeps ``budget.target`` of its FLOPs, parameters or measured CPU
+latency (``compression.budget``, equal accuracy drop across layers); then prune the dense net one-shot at
 those ratios and fine-tune with ``callbacks.magnitude_pruning`` (structured: the filters are
 physically removed at the end). The dense net is ``init_from`` or, with ``train_dense: true``, the
 lottery protocol's shared dense stage (trained once with this run's config, kept in the store).
@@ -24,12 +24,13 @@ from typing import Mapping, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from netcompress.compression.budget import ALLOCATORS, CostModel, allocate, check_metric, check_reachable, check_target
+from netcompress.compression.budget import (ALLOCATORS, MEASURED, CostModel, allocate, check_metric, check_reachable,
+                                             check_target)
 from netcompress.compression.checks import check_int, plain
 from netcompress.compression.importance import check_weight_criterion
 from netcompress.compression.masks import check_choice
 from netcompress.compression.sensitivity import KINDS, Sensitivity, candidate_layers, check_ratios, sensitivity_table
-from netcompress.evaluation.model_stats import count_flops, count_parameters
+from netcompress.evaluation.model_stats import count_flops, count_parameters, eager_runner, interleaved_latency_ms
 from netcompress.pipeline.fit import fit_and_test, run_folder
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,9 @@ class SensitivityProtocol:
             also caps the allocation (no extrapolation beyond the measured curve).
         include/exclude/skip_first_last: layer selection (as magnitude pruning: fnmatch patterns; skip
             the stem conv and the classifier by default).
-        budget: ``metric`` (flops | params; latency_ms is refused: not modelled) and ``target`` (the
-            fraction of the dense net's metric to keep, in (0, 1]).
+        budget: ``metric`` (flops | params, predicted; latency_ms: median batch-1 CPU latency, measured on
+            thinned copies, structured only) and ``target`` (the fraction of the dense net's metric to keep,
+            in (0, 1]).
         allocator: a name of ``compression.budget.ALLOCATORS`` (``equal_drop``).
         limit_batches: evaluate the analysis on the first N validation batches only (null = all).
         train_dense: without ``init_from``, train the dense net first (the lottery protocol's dense
@@ -83,7 +85,7 @@ class SensitivityProtocol:
         unknown = set(budget) - {"metric", "target"}
         if unknown:
             raise ValueError(f"{KEY}.budget has unknown keys {sorted(unknown)}; valid keys: metric, target")
-        self.metric = check_metric(budget.get("metric", "flops"), f"{KEY}.budget")
+        self.metric = check_metric(budget.get("metric", "flops"), f"{KEY}.budget", self.kind)
         self.target = check_target(budget.get("target", 0.5), f"{KEY}.budget")
         self.allocator = check_choice(allocator, tuple(ALLOCATORS), f"`{KEY}.allocator`")
         self.limit_batches = None if limit_batches is None else check_int(limit_batches, f"{KEY}.limit_batches", 1)
@@ -125,7 +127,13 @@ class SensitivityProtocol:
         layers, skipped = candidate_layers(dense, self.include, self.exclude, self.skip_first_last, self.kind,
                                            example, key=KEY)
         cost = CostModel(dense, list(layers), input_size, self.kind)
-        check_reachable(cost, self.metric, self.target, self.ratios[-1], f"{KEY}.budget")  # before the analysis
+        latency = None
+        if self.metric in MEASURED:
+            from netcompress.compression.latency_model import MeasuredLatency
+
+            latency = MeasuredLatency(dense, list(layers), input_size, self.importance,
+                                      repeats=int(cfg.get("latency_repeats") or 30))
+        check_reachable(cost, self.metric, self.target, self.ratios[-1], f"{KEY}.budget", latency)  # before analysis
         for name, why in skipped.items():
             log.info("sensitivity: skipping %s (%s)", name, why)
 
@@ -144,11 +152,12 @@ class SensitivityProtocol:
         write_csv(sens, cost, folder / CSV)
         plot(sens, folder / PNG)
 
-        allocation = allocate(sens, cost, self.metric, self.target, self.allocator, key=f"{KEY}.budget")
+        allocation = allocate(sens, cost, self.metric, self.target, self.allocator, key=f"{KEY}.budget",
+                              latency=latency)
         log.info("sensitivity: %s target %.3f -> predicted %s, ratios %s", self.metric, self.target,
                  allocation.predicted, allocation.ratios)
         results, objects = self._finetune(cfg, dense, list(layers), allocation.ratios, source)
-        achieved = self._achieved(objects, dense, input_size)
+        achieved = self._achieved(objects, dense, input_size, latency)
         extra = {"sensitivity/kind": self.kind, "sensitivity/importance": self.importance,
                  "sensitivity/metric": self.metric, "sensitivity/target": self.target,
                  "sensitivity/allocator": self.allocator, "sensitivity/dense_source": source,
@@ -160,7 +169,12 @@ class SensitivityProtocol:
                  "sensitivity/predicted_flops_fraction": allocation.predicted["flops"],
                  "sensitivity/predicted_params_fraction": allocation.predicted["params"],
                  "sensitivity/achieved_flops_fraction": achieved["flops"],
-                 "sensitivity/achieved_params_fraction": achieved["params"]}
+                 "sensitivity/achieved_params_fraction": achieved["params"],
+                 "sensitivity/budget_queries": allocation.queries}
+        if latency is not None:
+            extra.update({"sensitivity/predicted_latency_ms_fraction": allocation.predicted["latency_ms"],
+                          "sensitivity/achieved_latency_ms_fraction": achieved["latency_ms"],
+                          "sensitivity/latency_measurements": latency.measurements})
         module = objects["module"]
         for key, value in extra.items():
             module.report_result(key, value)
@@ -196,11 +210,18 @@ class SensitivityProtocol:
             return fit_and_test(cfg)  # build() starts from init_from and makes it the parent
         return fit_and_test(cfg, start=copy.deepcopy(dense).train(), parent=copy.deepcopy(dense).eval())
 
-    def _achieved(self, objects: dict, dense: torch.nn.Module, input_size: tuple) -> dict[str, float]:
+    def _achieved(self, objects: dict, dense: torch.nn.Module, input_size: tuple,
+                  latency=None) -> dict[str, float]:
         net = objects["module"].net.cpu()
         if self.kind == "structured":
-            return {"flops": count_flops(net, input_size) / count_flops(dense, input_size),
-                    "params": count_parameters(net)[0] / count_parameters(dense)[0]}
+            achieved = {"flops": count_flops(net, input_size) / count_flops(dense, input_size),
+                        "params": count_parameters(net)[0] / count_parameters(dense)[0]}
+            if latency is not None:  # the fine-tuned thin net against the dense one, timed side by side
+                times = interleaved_latency_ms({"dense": eager_runner(dense, input_size),
+                                                "pruned": eager_runner(net, input_size)},
+                                               warmup=latency.warmup, repeats=latency.repeats)
+                achieved["latency_ms"] = times["pruned"] / times["dense"]
+            return achieved
         from netcompress.protocols.retrain_init import effective_flops
 
         masks = next(cb.masks for cb in objects["trainer"].callbacks if type(cb).__name__ == "MagnitudePruning")

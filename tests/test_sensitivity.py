@@ -189,10 +189,69 @@ def test_impossible_targets_fail_naming_the_key(resnet_budget):
     between = (lowest + capped) / 2
     with pytest.raises(ValueError, match=r"`protocol.budget.target`=.* needs more pruning than the measured curves"):
         allocate(sens, cost, "flops", between, key="protocol.budget")
-    with pytest.raises(ValueError, match=r"`protocol.budget.metric`='latency_ms' is not implemented"):
+    with pytest.raises(ValueError, match=r"`protocol.budget.metric`='latency_ms' is measured: pass a MeasuredLatency"):
         allocate(sens, cost, "latency_ms", 0.5, key="protocol.budget")
+    unstructured = Sensitivity(0.9, sens.table, sens.units, "unstructured", sens.ratios)
+    with pytest.raises(ValueError, match=r"`protocol.budget.metric`='latency_ms' needs kind=structured"):
+        allocate(unstructured, cost, "latency_ms", 0.5, key="protocol.budget")
     with pytest.raises(ValueError, match=r"`protocol.budget.target` must be .* in \(0, 1\] .*; got 1.5"):
         allocate(sens, cost, "flops", 1.5, key="protocol.budget")
+
+
+class _LatencyLike:
+    """A deterministic stand-in for MeasuredLatency: sqrt of the predicted FLOPs fraction, queries counted."""
+
+    def __init__(self, cost: CostModel) -> None:
+        self.cost, self.layers, self.calls = cost, list(cost.layers), 0
+
+    def fraction(self, pruned) -> float:
+        self.calls += 1
+        return self.cost.fraction(pruned)["flops"] ** 0.5
+
+
+@pytest.mark.parametrize("target", [0.75, 0.9])
+def test_measured_budget_bisects_to_the_first_allocation_of_the_equal_drop_path(resnet_budget, target):
+    from netcompress.compression.budget import equal_drop_path
+
+    _, layers, sens, cost, _ = resnet_budget
+    latency = _LatencyLike(cost)
+    alloc = allocate(sens, cost, "latency_ms", target, latency=latency)
+    steps = {n: steps_of(sens.units[n], "structured", sens.ratios[-1]) for n in layers}
+    moves = equal_drop_path(sens, steps)
+    index = {n: 0 for n in layers}
+    walked = None  # the forward walk: one move at a time until the budget is met
+    for count in range(len(moves) + 1):
+        pruned = {n: steps[n][i] for n, i in index.items()}
+        if cost.fraction(pruned)["flops"] ** 0.5 <= target:
+            walked = pruned
+            break
+        index[moves[count][0]] += 1
+    assert alloc.pruned == walked
+    assert alloc.predicted["latency_ms"] <= target  # the measured value of the chosen allocation
+    assert any(latency.fraction({**alloc.pruned, n: steps[n][steps[n].index(p) - 1]}) > target
+               for n, p in alloc.pruned.items() if p)  # one step less misses it
+    assert alloc.predicted["flops"] == pytest.approx(alloc.predicted["latency_ms"] ** 2)
+    # bisection: about log2(path) allocations timed, not one per filter
+    assert alloc.queries <= len(moves).bit_length() + 1 < len(moves)
+
+
+def test_measured_latency_thins_the_filters_magnitude_pruning_would_remove():
+    from netcompress.compression.latency_model import MeasuredLatency
+
+    net = _net("resnet20_cifar", width=0.25)
+    layers, _ = candidate_layers(net, example_input=EXAMPLE)
+    names = list(layers)[:3]
+    latency = MeasuredLatency(net, names, SIZE, "l1", repeats=2, warmup=0)
+    pruned = {names[0]: 1, names[1]: 3}
+    thin = latency.thinned(pruned)
+    reference = remove_channels(net, {n: _lowest_l1(layers[n], k) for n, k in pruned.items()}, EXAMPLE)
+    assert {n: thin.get_submodule(n).out_channels for n in names} == {names[0]: 3, names[1]: 1, names[2]: 4}
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(thin.eval()(x), reference.eval()(x))
+    first = latency.fraction(pruned)
+    assert first > 0 and latency.fraction(dict(pruned)) == first and latency.measurements == 1  # cached
+    assert net.get_submodule(names[0]).out_channels == 4  # the caller's net is untouched
 
 
 # ----- the protocol -----------------------------------------------------------------------------
@@ -249,6 +308,28 @@ def test_protocol_runs_from_config_and_reports_predicted_vs_achieved(tmp_path):
     assert float(rows[0]["acc1"]) == pytest.approx(saved["sensitivity/dense_val_acc1"])
     assert (folder / "sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert results["sensitivity/layer_pruned"] == {n: round(r * 8) for n, r in ratios_by_layer.items()}
+
+
+@pytest.mark.slow
+def test_protocol_with_a_measured_latency_budget_reports_predicted_and_achieved(tmp_path):
+    """resnet20 (full width): 90% of its 9 block convs' filters go at the grid's top, far below 0.9 of the
+    dense latency, so the target is reachable despite timing noise; the assertions are about bookkeeping."""
+    from netcompress.run import run
+
+    net = ["model.name=resnet20_cifar", "scheduler=none", "latency_repeats=10"]
+    dense = run(compose_config([*TINY, *net], tmp_path / "dense"))
+    assert dense["status"] == "ok"
+    cfg = compose_config([*TINY, *net, "protocol=sensitivity", f"init_from={tmp_path / 'dense' / 'model.pt'}",
+                          "protocol.ratios=[0.5,0.9]", "protocol.budget.metric=latency_ms",
+                          "protocol.budget.target=0.9"], tmp_path / "job")
+    run(cfg)
+    saved = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    assert saved["status"] == "ok" and saved["sensitivity/metric"] == "latency_ms"
+    assert 0 < saved["sensitivity/predicted_latency_ms_fraction"] <= 0.9   # the bisection's measured choice
+    assert saved["sensitivity/achieved_latency_ms_fraction"] > 0           # the fine-tuned thin net, timed again
+    assert saved["sensitivity/predicted_flops_fraction"] < 1
+    assert saved["sensitivity/achieved_flops_fraction"] == pytest.approx(saved["sensitivity/predicted_flops_fraction"])
+    assert 2 <= saved["sensitivity/latency_measurements"] <= 16  # floor + grid top + ~log2(9 x 14 steps)
 
 
 def test_rounded_top_ratio_is_reachable_and_interpolated_at_the_fraction_really_pruned():
