@@ -207,54 +207,68 @@ def _taylor_params(layer: nn.Module) -> list[torch.Tensor]:
     return params
 
 
+@contextmanager
+def _eval_pass(net: nn.Module, params: list[torch.Tensor]) -> Iterator[None]:
+    """The net in eval mode with ``params`` requiring grad inside the block; modes and flags restored after."""
+    modes = {m: m.training for m in net.modules()}
+    wanted = [p.requires_grad for p in params]
+    net.eval()
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in zip(params, wanted):
+            p.requires_grad_(flag)
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _limited(loader: Iterable, batches: int, criterion: str) -> Iterator[Any]:
+    """At most ``batches`` batches of ``loader``, stopping before it makes one more; ValueError if it gives none."""
+    if loader is None:
+        raise ValueError(f"importance={criterion!r} needs training batches to calibrate on; got no loader")
+    seen = 0
+    for batch in loader:
+        yield batch
+        seen += 1
+        if seen >= batches:
+            return
+    if seen == 0:
+        raise ValueError(f"importance={criterion!r}: the training loader gave no batch to calibrate on")
+
+
+def loss_gradients(net: nn.Module, params: list[torch.Tensor], criterion: str, loader: Iterable, batches: int,
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+                   ) -> list[torch.Tensor]:
+    """G per parameter of ``params``: the sum over at most ``batches`` batches of each batch's gradient of
+    ``loss_fn`` (eval mode, ``torch.autograd.grad``: ``.grad`` untouched), all-reduced under DDP."""
+    device, fmt = next(net.parameters()).device, memory_format(net)
+    grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    with _eval_pass(net, params):
+        for batch in _limited(loader, batches, criterion):
+            inputs, target = _inputs(batch, device, fmt)
+            if target is None:
+                raise TypeError(f"importance={criterion!r} needs (inputs, targets) batches for its loss")
+            with torch.inference_mode(False), torch.enable_grad():  # also from an eval hook
+                loss = loss_fn(net(inputs), target)
+                got = torch.autograd.grad(loss, params, allow_unused=True)
+            for total, g in zip(grads, got):
+                if g is not None:
+                    total.add_(g.float())
+    _all_reduce_(grads)
+    return grads
+
+
 def collect(net: nn.Module, layers: Mapping[str, nn.Module], criterion: str, loader: Iterable, batches: int,
             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
             key: str = "calibration_batches") -> dict[nn.Module, dict[str, torch.Tensor]]:
     """{layer: {statistic: tensor}} of a data-driven ``criterion`` from at most ``batches`` batches."""
     crit = get_criterion(criterion)
     batches = check_int(batches, key, 1)
-    if loader is None:
-        raise ValueError(f"importance={criterion!r} needs training batches to calibrate on; got no loader")
-    device, fmt = next(net.parameters()).device, memory_format(net)
-    modes = {m: m.training for m in net.modules()}
-    tracker = _Tracker(net, layers, apoz=criterion == "apoz") if not crit.needs_grad else None
-    params = [p for layer in layers.values() for p in _taylor_params(layer)] if crit.needs_grad else []
-    grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    wanted = [p.requires_grad for p in params]
-    seen = 0
-    net.eval()
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        for batch in loader:
-            inputs, target = _inputs(batch, device, fmt)
-            if crit.needs_grad:
-                if target is None:
-                    raise TypeError(f"importance={criterion!r} needs (inputs, targets) batches for its loss")
-                with torch.inference_mode(False), torch.enable_grad():  # also from an eval hook
-                    loss = loss_fn(net(inputs), target)
-                    got = torch.autograd.grad(loss, params, allow_unused=True)
-                for total, g in zip(grads, got):
-                    if g is not None:
-                        total.add_(g.float())
-            else:
-                tracker.new_pass()
-                with torch.no_grad():
-                    net(inputs)
-            seen += 1
-            if seen >= batches:  # stop before the loader makes one more batch
-                break
-    finally:
-        if tracker is not None:
-            tracker.remove()
-        for p, flag in zip(params, wanted):
-            p.requires_grad_(flag)
-        for m, mode in modes.items():
-            m.training = mode
-    if seen == 0:
-        raise ValueError(f"importance={criterion!r}: the training loader gave no batch to calibrate on")
     if crit.needs_grad:
-        _all_reduce_(grads)
+        params = [p for layer in layers.values() for p in _taylor_params(layer)]
+        grads = loss_gradients(net, params, criterion, loader, batches, loss_fn)
         out, i = {}, 0
         for layer in layers.values():
             n = len(_taylor_params(layer))
@@ -262,6 +276,17 @@ def collect(net: nn.Module, layers: Mapping[str, nn.Module], criterion: str, loa
             out[layer] = {"taylor": sum(p.detach().float() * g for p, g in pairs)}
             i += n
         return out
+    device, fmt = next(net.parameters()).device, memory_format(net)
+    tracker = _Tracker(net, layers, apoz=criterion == "apoz")
+    try:
+        with _eval_pass(net, []):
+            for batch in _limited(loader, batches, criterion):
+                inputs, _ = _inputs(batch, device, fmt)
+                tracker.new_pass()
+                with torch.no_grad():
+                    net(inputs)
+    finally:
+        tracker.remove()
     return _finish(tracker, criterion)
 
 
@@ -325,7 +350,16 @@ def calibrated(net: nn.Module, layers: Mapping[str, nn.Module], criterion: str, 
     if not layers:
         raise ValueError(f"importance={criterion!r}: no layers selected to calibrate")
     check_applies(criterion, layers)
-    if crit.needs_data:
+    if crit.dependency_group:
+        from netcompress.compression.group_importance import group_stats
+
+        params = [p for p in net.parameters() if p.is_floating_point()]
+        grads = loss_gradients(net, params, criterion, loader, check_int(batches, key, 1), loss_fn) \
+            if crit.needs_grad else None
+        example = None if loader is None else \
+            _inputs(next(iter(loader)), next(net.parameters()).device, memory_format(net))[0][:1]
+        stats = group_stats(net, layers, criterion, dict(zip(params, grads)) if grads is not None else None, example)
+    elif crit.needs_data:
         stats = collect(net, layers, criterion, loader, batches, loss_fn, key)
     else:
         stats = random_draws(layers, seed, seed_key)

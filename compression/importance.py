@@ -8,7 +8,9 @@ Efficient ConvNets"). Data-driven criteria read statistics of a calibration pass
 (``compression.calibration.calibrated``): ``activation`` (mean |activation|), ``apoz`` (1 - APoZ,
 Hu et al. 2016 "Network Trimming"), ``taylor`` (|w * dL/dw|, Molchanov et al. 2019 "Importance
 Estimation for Neural Network Pruning"); ``random`` is the seeded baseline of ShrinkBench (Blalock
-et al. 2020). Magnitude pruning, slimming and the lottery protocol look criteria up here by name,
+et al. 2020). ``group_l1`` / ``group_l2`` / ``group_taylor`` are Torch-Pruning's dependency-group
+importance (Fang et al. 2023 "DepGraph"; ``compression.group_importance``): a filter scored over
+every layer its removal touches. Magnitude pruning, slimming and the lottery protocol look criteria up here by name,
 so adding one is one registered function (timm's ``@register_model`` shape):
 
     @register_importance("neg_l1")
@@ -47,8 +49,9 @@ class Criterion:
     ``filter_fn``: scores the filters directly (instead of ``group`` over ``fn``); ``per_channel``:
     ``fn`` gives one score per output channel, not per weight (structured pruning only);
     ``needs_data``: reads activation statistics of a calibration pass over training batches
-    (``needs_grad``: with a backward pass); ``seeded``: reads seeded random draws. Callers wrap the
-    scoring in ``compression.calibration.calibrated`` when ``calibrated`` is true."""
+    (``needs_grad``: with a backward pass); ``seeded``: reads seeded random draws;
+    ``dependency_group``: scored by Torch-Pruning over the layer's dependency group (needs the whole
+    net). Callers wrap the scoring in ``compression.calibration.calibrated`` when ``calibrated`` is true."""
 
     name: str
     fn: ImportanceFn
@@ -59,11 +62,12 @@ class Criterion:
     needs_data: bool = False
     needs_grad: bool = False
     seeded: bool = False
+    dependency_group: bool = False
 
     @property
     def calibrated(self) -> bool:
-        """True if the scores come from ``compression.calibration.calibrated`` (data or a seed)."""
-        return self.needs_data or self.seeded
+        """True if the scores come from ``compression.calibration.calibrated`` (data, a seed or the net's graph)."""
+        return self.needs_data or self.seeded or self.dependency_group
 
     def __call__(self, module: Any) -> torch.Tensor:
         return self.fn(module)
@@ -74,7 +78,8 @@ IMPORTANCE: dict[str, Criterion] = {}
 
 def register_importance(name: str, *, group: GroupFn = group_sum, types: tuple[type, ...] | None = None,
                         filter_fn: ImportanceFn | None = None, per_channel: bool = False, needs_data: bool = False,
-                        needs_grad: bool = False, seeded: bool = False) -> Callable[[ImportanceFn], ImportanceFn]:
+                        needs_grad: bool = False, seeded: bool = False,
+                        dependency_group: bool = False) -> Callable[[ImportanceFn], ImportanceFn]:
     """Decorator registering ``fn(module) -> scores`` as the criterion ``name`` (``group``: how a
     filter's scores combine; ``types``: the module types it can score, None = any with a weight;
     the other flags: see ``Criterion``)."""
@@ -82,7 +87,7 @@ def register_importance(name: str, *, group: GroupFn = group_sum, types: tuple[t
         if name in IMPORTANCE:
             raise ValueError(f"importance criterion '{name}' is already registered ({IMPORTANCE[name].fn})")
         IMPORTANCE[name] = Criterion(name, fn, group, types, filter_fn, per_channel, needs_data or needs_grad,
-                                     needs_grad, seeded)
+                                     needs_grad, seeded, dependency_group)
         return fn
     return register
 
@@ -262,3 +267,17 @@ def random_scores(module: Any) -> torch.Tensor:
     """Uniform [0, 1) per weight (per channel on BN) from a generator seeded by (seed, layer name): the
     random-pruning baseline of ShrinkBench (Blalock et al. 2020); the same seed gives the same masks."""
     return calibration_stat(module, "random", "random")
+
+
+# ----- dependency groups, scored by Torch-Pruning (need compression.calibration.calibrated) ---------
+def _group_stat(name: str) -> ImportanceFn:
+    def fn(module: Any) -> torch.Tensor:
+        return calibration_stat(module, "group", name)
+    fn.__doc__ = f"{name}: one score per output channel over its dependency group (compression.group_importance)."
+    return fn
+
+
+register_importance("group_l1", per_channel=True, dependency_group=True)(_group_stat("group_l1"))
+register_importance("group_l2", per_channel=True, dependency_group=True)(_group_stat("group_l2"))
+register_importance("group_taylor", per_channel=True, dependency_group=True, needs_grad=True)(
+    _group_stat("group_taylor"))

@@ -26,7 +26,7 @@ class PruningRounds:
         if IMPORTANCE[self.importance].calibrated:  # masks are cut from a stored net, with no data or seed at hand
             usable = [n for n, c in IMPORTANCE.items() if not c.calibrated and c.types is None]
             raise ValueError(f"`protocol.prune.importance`={self.importance!r} is scored from a calibration pass "
-                             "(training batches or a seed), which the lottery protocol's mask stage does not run; "
+                             "(training batches, a seed or the net's dependency graph), which the lottery protocol's mask stage does not run; "
                              f"use one of {', '.join(usable)}, or compression=[magnitude_pruning] for "
                              f"importance={self.importance}")
 

@@ -121,6 +121,34 @@ def test_filter_scores_agree_with_torch_pruning(criterion):
         torch.testing.assert_close(ours, scorer(group).float(), rtol=1e-5, atol=1e-7)
 
 
+def test_group_criteria_are_torch_pruning_dependency_groups_by_hand():
+    """DepGraph (Fang et al. 2023) via torch-pruning, group_reduction='mean', no normaliser. conv's group is its
+    filters, its BN channels and conv2's input slices; conv2's group is its filters and fc's input columns.
+    Magnitude: mean over members of sum |w|^p (BN: |gamma|^p). Taylor (multivariable): mean over the conv
+    members of |sum w * G|; torch-pruning 1.6 gives BN no Taylor term, so conv's mean is over two members."""
+    net, data = ConvBNReLU(), batches()
+    layers = {"conv": net.conv, "conv2": net.conv2}
+    w1, w2, fc = net.conv.weight.detach().flatten(1), net.conv2.weight.detach().flatten(1), net.fc.weight.detach()
+    gamma = net.bn.weight.detach()
+    for p, name in ((1, "group_l1"), (2, "group_l2")):
+        with calibrated(net, layers, name, data):
+            torch.testing.assert_close(filter_scores(name, net.conv),
+                                       (w1.abs().pow(p).sum(1) + gamma.abs().pow(p) + w2.abs().pow(p).sum(0)) / 3)
+            torch.testing.assert_close(filter_scores(name, net.conv2),
+                                       (w2.abs().pow(p).sum(1) + fc.abs().pow(p).sum(0)) / 2)
+    g1, g2, gfc = grad_sum(net, data, ["conv.weight", "conv2.weight", "fc.weight"])
+    before = [p.grad for p in net.parameters()]
+    with calibrated(net, layers, "group_taylor", data, batches=3):
+        own, consumer = (w1 * g1.flatten(1)).sum(1).abs(), (w2 * g2.flatten(1)).sum(0).abs()
+        torch.testing.assert_close(filter_scores("group_taylor", net.conv), (own + consumer) / 2)
+        torch.testing.assert_close(filter_scores("group_taylor", net.conv2),
+                                   ((w2 * g2.flatten(1)).sum(1).abs() + (fc * gfc).sum(0).abs()) / 2)
+    assert [p.grad for p in net.parameters()] == before  # torch-pruning read G from .grad; restored
+    # the layer's own term alone (group_reduction='first') is the per-layer criterion of the same name
+    with calibrated(net, layers, "l1", data):
+        torch.testing.assert_close(filter_scores("l1", net.conv), w1.abs().sum(1))
+
+
 def test_calibration_leaves_bn_statistics_modes_and_gradients_alone_and_counts_batches():
     net, data = ConvBNReLU(), batches(n=10)
     net.train()
@@ -218,7 +246,8 @@ def test_slimming_ranks_bn_channels_by_taylor_from_calibration():
 
 
 @pytest.mark.parametrize("criterion,granularity", [("taylor", "structured"), ("activation", "structured"),
-                                                   ("taylor", "unstructured"), ("random", "unstructured")])
+                                                   ("taylor", "unstructured"), ("random", "unstructured"),
+                                                   ("group_l1", "structured"), ("group_taylor", "structured")])
 def test_magnitude_pruning_with_data_criteria_end_to_end(tiny_config, monkeypatch, criterion, granularity):
     import netcompress.callbacks.magnitude_pruning as module_under_test
 
@@ -250,6 +279,8 @@ def test_magnitude_pruning_with_data_criteria_end_to_end(tiny_config, monkeypatc
         stats = seen[0][callback._layers[name]]
         if granularity == "unstructured":
             scores = stats[criterion].abs() if criterion == "taylor" else stats[criterion]
+        elif criterion.startswith("group_"):
+            scores = stats["group"]
         else:
             scores = stats["taylor"].flatten(1).sum(1).abs() if criterion == "taylor" else stats[criterion]
         lowest = scores.flatten().argsort(stable=True)[:round(0.5 * mask.numel())]
@@ -309,9 +340,11 @@ def test_lottery_refuses_criteria_it_cannot_calibrate():
 
 
 def test_registry_flags():
-    assert {n for n, c in IMPORTANCE.items() if c.needs_data} == {"activation", "apoz", "taylor"}
+    assert {n for n, c in IMPORTANCE.items() if c.needs_data} == {"activation", "apoz", "taylor", "group_taylor"}
     assert [n for n, c in IMPORTANCE.items() if c.seeded] == ["random"]
-    assert {n for n, c in IMPORTANCE.items() if c.per_channel} == {"activation", "apoz"}
+    assert {n for n, c in IMPORTANCE.items() if c.dependency_group} == {"group_l1", "group_l2", "group_taylor"}
+    assert {n for n, c in IMPORTANCE.items() if c.per_channel} == {"activation", "apoz", "group_l1", "group_l2",
+                                                                    "group_taylor"}
 
 
 def test_slimming_with_a_data_criterion_end_to_end(tiny_config, monkeypatch):
