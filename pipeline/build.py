@@ -6,6 +6,7 @@ The one place that turns config into objects; run.py and protocols/ both build t
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import hydra
@@ -74,14 +75,36 @@ def initial_weights(net, saved: SavedNet | str, spec: dict | None = None):
     return loaded.train()
 
 
+def processes_per_node(cfg: DictConfig) -> int:
+    """Processes one node runs for ``cfg.trainer``: ``devices`` (an int or a list) under a DDP strategy, else 1."""
+    trainer = cfg.get("trainer") or {}
+    if "ddp" not in str(trainer.get("strategy") or ""):
+        return 1
+    devices = trainer.get("devices")
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        return max(1, devices)
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        return max(1, len(devices))
+    return 1
+
+
 def apply_threads(cfg: DictConfig) -> int:
-    """Set torch's CPU thread count from ``threads`` (null: leave torch's default); returns the count in use.
+    """Set torch's CPU thread count from ``threads``; returns the count in use.
 
     One run's numbers depend on it (CPU reductions sum in a thread-dependent order), so it is a
-    config value, recorded in results.json and part of the lottery protocol's stage keys."""
+    config value, recorded in results.json and part of the lottery protocol's stage keys. It is also
+    written to ``OMP_NUM_THREADS``, which Lightning's DDP launcher then leaves alone (and the other
+    ranks inherit). ``threads: null`` leaves torch's default, except under multi-process DDP without
+    ``OMP_NUM_THREADS``: there Lightning would lower rank 0's count only when training starts
+    (cores // processes), after the stage keys were computed with the old one, and the other ranks
+    would key their stages differently; that count is applied here first, so every rank agrees."""
     threads = cfg.get("threads")
+    processes = processes_per_node(cfg)
+    if not threads and processes > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // processes)  # lightning_fabric's _suggested_max_num_threads
     if threads:
         torch.set_num_threads(int(threads))
+        os.environ["OMP_NUM_THREADS"] = str(int(threads))
     return torch.get_num_threads()
 
 

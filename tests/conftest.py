@@ -58,6 +58,17 @@ def tiny_config(tmp_path):
     return make
 
 
+@pytest.fixture(autouse=True)
+def _keep_omp_num_threads():
+    """``threads=`` writes OMP_NUM_THREADS (pipeline.build.apply_threads); no test leaks it into the next."""
+    before = os.environ.get("OMP_NUM_THREADS")
+    yield
+    if before is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = before
+
+
 def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python run.py ARGS`` in a subprocess (multirun, DDP, command-line errors)."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}

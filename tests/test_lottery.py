@@ -188,6 +188,69 @@ def test_concurrent_jobs_make_a_stage_once(tmp_path):
     assert json.loads((folder / "spec.json").read_text()) == {"a": 1}
 
 
+def test_a_ddp_rank_above_zero_trains_each_stage_alongside_rank0_without_its_lock(tmp_path, monkeypatch):
+    """Rank 0 holds the stage's lock while it trains; rank 1 (RANK=1) must train too (DDP collectives pair up),
+    not wait on that lock: it makes the stage into a private folder, then returns rank 0's once it is done."""
+    import threading
+
+    from filelock import FileLock
+
+    store = StageStore(tmp_path)
+    final = store.path("dense", {"a": 1})
+    rank0_lock = FileLock(str(final) + ".lock")
+    rank0_lock.acquire()  # a second FileLock on this path (even in this process) would wait forever
+
+    def rank0_finishes() -> None:
+        time.sleep(0.3)
+        final.mkdir()
+        (final / "model.pt").write_text("rank 0")
+        (final / "done").write_text("ok\n")
+
+    made = []
+
+    def make(folder: Path) -> None:
+        made.append(folder)
+        (folder / "model.pt").write_text("rank 1")
+        threading.Thread(target=rank0_finishes).start()  # rank 0's training ends with rank 1's
+
+    monkeypatch.setenv("RANK", "1")
+    try:
+        assert store.ensure("dense", {"a": 1}, make) == final
+    finally:
+        rank0_lock.release()
+    assert (final / "model.pt").read_text() == "rank 0"  # rank 1's copy is thrown away
+    assert len(made) == 1 and made[0] != final and not made[0].exists()
+    assert store.ensure("dense", {"a": 1}, lambda folder: made.append(folder)) == final and len(made) == 1  # done
+
+    other = StageStore(tmp_path, follow_timeout_s=0.2)  # rank 0 never finishes: a clear error, not a hang
+    with pytest.raises(TimeoutError, match=r"rank 1 finished stage dense-.* but rank 0 wrote no .*done within 0 s"):
+        other.ensure("dense", {"b": 2}, lambda folder: None)
+    monkeypatch.setenv("RANK", "0")
+    assert stage_store.process_rank() == 0
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert stage_store.process_rank() == 3
+
+
+@pytest.mark.slow
+def test_lottery_job_under_ddp_on_two_cpu_processes_trains_each_stage_once(tmp_path, monkeypatch):
+    """Both ranks run the protocol: rank 1 must train each stage with rank 0 (not wait on its lock), and both
+    must key the stages alike (the thread count Lightning gives each rank is fixed before any key)."""
+    from conftest import run_cli
+
+    store = tmp_path / "store"
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # Lightning's own thread rule applies
+    result = run_cli([*TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "protocol=lottery",
+                      "protocol.method=rewind", "protocol.prune.round=1", f"protocol.store_dir={store}",
+                      f"hydra.run.dir={tmp_path / 'run'}"], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["status"] == "ok" and saved["world_size"] == 2 and saved["params_nonzero"] < saved["params_total"]
+    stages = sorted(p.name.split("-")[0] for p in store.iterdir() if p.is_dir())
+    assert stages == ["dense", "mask", "train"], stages  # one of each: no rank keyed its own
+    assert not [p for p in store.iterdir() if ".rank" in p.name]  # rank 1's private copies are gone
+
+
 def test_a_failed_make_leaves_nothing_and_is_retried(tmp_path):
     store = StageStore(tmp_path)
 

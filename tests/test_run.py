@@ -249,6 +249,30 @@ def test_threads_from_config_are_used_and_recorded(tiny_config, tmp_path):
         torch.set_num_threads(before)
 
 
+def test_ddp_thread_count_is_fixed_before_any_stage_key(tiny_config, monkeypatch):
+    """threads=null under DDP: Lightning would lower rank 0's count only at fit (cores // processes), after the
+    stage keys; apply_threads sets that count first (and OMP_NUM_THREADS, which the other ranks inherit)."""
+    import os
+
+    import torch
+
+    from netcompress.pipeline.build import apply_threads, processes_per_node
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(os, "cpu_count", lambda: 6)
+        ddp = tiny_config("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=3")
+        assert processes_per_node(ddp) == 3 and apply_threads(ddp) == 2 == torch.get_num_threads()
+        assert os.environ["OMP_NUM_THREADS"] == "2"
+        torch.set_num_threads(1)
+        assert apply_threads(ddp) == 1  # OMP_NUM_THREADS already set: Lightning leaves it too
+        assert processes_per_node(tiny_config()) == 1
+        assert apply_threads(tiny_config("threads=2")) == 2 and os.environ["OMP_NUM_THREADS"] == "2"
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_lottery_stage_keys_differ_by_thread_count(tiny_config):
     """The stage store never hands a result computed with other threads to a run (the dense key holds them)."""
     from omegaconf import OmegaConf
