@@ -50,9 +50,9 @@ class QAT(QuantizationBase):
         ema_momentum: weight of the newest batch in the ``ema`` observer.
         start_epoch: first epoch trained with fake quantization (float before).
         freeze_observers_epoch: from this epoch on the activation ranges stay fixed (null: never).
-        fold_bn: at ``start_epoch``, fold each conv's BatchNorm statistics into its weight so the
-            weights are quantized as the int8 model uses them; BN then keeps only a per-channel
-            affine (Jacob et al. 2018, sec. 3.2, with statistics frozen at the fold).
+        fold_bn: at ``start_epoch``, freeze each conv's BatchNorm statistics and quantize the conv's weight
+            folded (w * gamma/std), as the int8 model holds it, while w and gamma keep training
+            (Jacob et al. 2018, sec. 3.2, with statistics frozen at the fold).
         export_int8, calibration_batches, latency_repeats: int8 ONNX export after test
             (training batches for the tensors QAT does not observe; timing rounds of int8 vs fp32
             onnxruntime, interleaved: ``latency_repeats`` at batch 1, ``max(3, latency_repeats // 10)`` at 64).

@@ -2,6 +2,8 @@
 observers, BN folding, exact resume, and clear errors before training."""
 from __future__ import annotations
 
+import copy
+
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -121,19 +123,55 @@ def test_disabled_wrapper_is_the_float_layer_and_strip_restores_plain_modules():
     assert set(plain.state_dict()) == set(create_model("resnet20_cifar", num_classes=10, width=0.25).state_dict())
 
 
-def test_bn_fold_keeps_eval_output_and_quantizes_folded_weights():
+def _conv_bn(gamma_scale: float = 1.0):
     conv, bn = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)
     with torch.no_grad():
-        bn.weight.uniform_(-2, 2), bn.bias.uniform_(-1, 1), bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(-2, 2).mul_(gamma_scale), bn.bias.uniform_(-1, 1)
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    return conv, bn
+
+
+def _quantized_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d, fold: bool) -> nn.Sequential:
+    """conv wrapped 8-bit (input range fixed), its BN foldable; folded or simply frozen (eval-mode BN)."""
+    conv, bn = fq.wrap_layer(copy.deepcopy(conv), 8, 8, "minmax", 0.01), fq.make_foldable(copy.deepcopy(bn))
+    conv.act_min.fill_(-4.0), conv.act_max.fill_(4.0)
+    conv.__dict__["chain_norm"] = bn  # as activation_points.attach sets it
+    if fold:
+        fq.fold_bn_into_conv(conv, bn)
+    else:
+        bn.is_folded = True  # frozen statistics, weight quantized unfolded
+    fq.set_quant_state(nn.Sequential(conv, bn), enabled=True, observe=False)
+    return nn.Sequential(conv, bn).train()
+
+
+def test_bn_fold_quantizes_the_folded_weight_and_keeps_the_trained_parameters():
+    torch.manual_seed(0)
+    conv, bn = _conv_bn()
     x = torch.randn(2, 3, 8, 8)
     expected = bn.eval()(conv(x))
-    bn = fq.make_foldable(bn)
-    gamma_over_std = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    folded_weight = conv.weight.detach() * gamma_over_std.view(-1, 1, 1, 1)
-    fq.fold_bn_into_conv(conv, bn)
-    torch.testing.assert_close(conv.weight.detach(), folded_weight)
-    torch.testing.assert_close(bn.train()(conv(x)), expected, rtol=1e-5, atol=1e-5)  # frozen stats in train mode too
-    assert bool(bn.folded)
+    folded = _quantized_pair(conv, bn, fold=True)
+    qconv, qbn = folded
+    assert bool(qbn.folded) and torch.equal(qconv.weight, conv.weight)  # nothing baked into the weights
+    factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().view(-1, 1, 1, 1)
+    # the int8 conv's weight: the folded weight, quantized per channel
+    torch.testing.assert_close(qconv.quantized_weight() * factor, fq.fake_quantize_weight(conv.weight * factor, 8))
+    with torch.no_grad():
+        out = folded(x)  # train mode: frozen statistics, the int8 model's computation up to 8-bit rounding
+    assert (out - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_bn_fold_leaves_the_sgd_steps_of_a_small_gamma_channel_alone():
+    """gamma/std = 0.01: the fold must not rescale the filter's updates. Baking the fold into the weights did,
+    by (std/gamma)^2, and 8-bit QAT from a trained net diverged (docs/quantization.md)."""
+    torch.manual_seed(0)
+    conv, bn = _conv_bn(gamma_scale=0.01)
+    x, target = torch.randn(4, 3, 8, 8), torch.randn(4, 4, 6, 6)
+    grads = {}
+    for fold in (True, False):
+        pair = _quantized_pair(conv, bn, fold)
+        torch.nn.functional.mse_loss(pair(x), target).backward()
+        grads[fold] = pair[0].weight.grad
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("tokens", [5, 4])  # 4 == out_features: the old (1, -1, 1) offset broadcast silently
