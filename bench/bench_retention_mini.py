@@ -2,6 +2,7 @@
 
     python bench/bench_retention_mini.py --data-root ../shared/data/cifar10-jpeg --threads 1 --publish
     python bench/bench_retention_mini.py --smoke          # the same pipeline on synthetic data, < 3 min
+    python bench/bench_retention_mini.py --only retention_mini_qat8 retention_mini_qat4 --publish  # re-run two presets
 
 Hooker et al. 2019 ("What do compressed deep neural networks forget?") on a narrow ResNet-20 (width 0.5)
 and 10k CIFAR-10 images, with the presets conf/experiment/retention_mini_*.yaml:
@@ -125,13 +126,26 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="study folder (default logs/bench_retention_mini[_smoke]); wiped")
     parser.add_argument("--smoke", action="store_true", help="tiny synthetic-data run of the same pipeline (< 3 min)")
     parser.add_argument("--publish", action="store_true", help=f"copy report, plots and table to {PUBLISH_DIR}")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PRESET",
+                        help="re-run only these compressed presets (e.g. retention_mini_qat8) in an existing study "
+                             "folder, keeping its dense parents and other jobs; the report covers all of them")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = parser.parse_args()
     if args.smoke and args.publish:
         parser.error("--publish with --smoke would publish synthetic-data figures; drop one of them")
 
     out = Path(args.out or ROOT / ("logs/bench_retention_mini" + ("_smoke" if args.smoke else ""))).resolve()
-    shutil.rmtree(out, ignore_errors=True)
+    only = args.only
+    if only is not None:
+        unknown = sorted(set(only) - set(FROM_PARENT) - {KD})
+        if unknown:
+            parser.error(f"--only takes presets among {', '.join(FROM_PARENT + [KD])}; got {unknown}")
+        if not (out / "dense").is_dir():
+            parser.error(f"--only re-runs jobs of an existing study, but {out / 'dense'} does not exist")
+        for preset in only:  # the old jobs of these presets go; the rest of the study stays
+            shutil.rmtree(out / ("kd" if preset == KD else "compressed") / preset, ignore_errors=True)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     common = [f"seed={args.seeds}", f"threads={args.threads}", "~hydra.callbacks.report",  # one report at the end
@@ -143,13 +157,17 @@ def main() -> None:
     per_technique = "hydra.sweep.subdir=${task_name}/seed_${seed}"
 
     walls = {}
-    walls["dense"] = sweep("dense", [*run, f"experiment={DENSE}", *common, f"hydra.sweep.dir={out}/dense",
-                                     "hydra.sweep.subdir=seed_${seed}"], env)
-    walls["compressed"] = sweep("compressed", [*run, f"experiment={','.join(FROM_PARENT)}", *common,
-                                               f"init_from={parent}", f"hydra.sweep.dir={out}/compressed",
-                                               per_technique], env)
-    walls["kd"] = sweep("kd", [*run, f"experiment={KD}", *common, f"callbacks.kd.teachers={parent}",
-                               f"hydra.sweep.dir={out}/kd", per_technique], env)
+    from_parent = [p for p in FROM_PARENT if only is None or p in only]
+    if only is None:
+        walls["dense"] = sweep("dense", [*run, f"experiment={DENSE}", *common, f"hydra.sweep.dir={out}/dense",
+                                         "hydra.sweep.subdir=seed_${seed}"], env)
+    if from_parent:
+        walls["compressed"] = sweep("compressed", [*run, f"experiment={','.join(from_parent)}", *common,
+                                                   f"init_from={parent}", f"hydra.sweep.dir={out}/compressed",
+                                                   per_technique], env)
+    if only is None or KD in only:
+        walls["kd"] = sweep("kd", [*run, f"experiment={KD}", *common, f"callbacks.kd.teachers={parent}",
+                                   f"hydra.sweep.dir={out}/kd", per_technique], env)
     total = sum(walls.values())
 
     lines, failed = technique_table(out)
@@ -164,8 +182,11 @@ def main() -> None:
     print((out / "report.md").read_text())
     print("report files:", ", ".join(str(p) for p in written))
     command = " ".join(["python bench/bench_retention_mini.py", f"--threads {args.threads}", f"--jobs {args.jobs}",
-                        f"--seeds {args.seeds}", *(["--smoke"] if args.smoke else []), *args.overrides])
-    summary = [f"# {TITLE}", "", f"command: `{command}`", "", "wall time " + "; ".join(times)
+                        f"--seeds {args.seeds}", *(["--smoke"] if args.smoke else []),
+                        *(["--only", *only] if only else []), *args.overrides])
+    rerun = [f"This run re-ran only {', '.join(only)}; the other rows are the study folder's earlier jobs "
+             "(their results.json record the commit that produced them).", ""] if only else []
+    summary = [f"# {TITLE}", "", f"command: `{command}`", "", *rerun, "wall time " + "; ".join(times)
                + f" ({args.threads} thread(s) per job, {args.jobs} job(s) at once)", "",
                "Mean +- sample std over seeds; ratios are parent / child (> 1 = smaller or faster); "
                "key definitions: docs/retention.md, docs/_parts/robustness.md, docs/_parts/saliency.md, "
