@@ -97,9 +97,11 @@ def _row(path: Path, r: dict) -> dict:
         "flops": r.get("lottery/effective_flops", r.get("flops")), "dense_acc1": r.get("lottery/dense_test_acc1"),
         "dense_flops": r.get("lottery/dense_flops"), "dense_key": r.get("lottery/dense_key"),
         "train_time_s": r.get("train_time_s"), "reused": bool(r.get("lottery/reused_stage")),
-        # whole-net fractions of the dense parent (structured pruning: not the kept-filter fraction)
-        "params_fraction": _fraction(r.get("params_nonzero"), r.get("lottery/dense_params")),
-        "flops_fraction": r.get("lottery/flops_fraction"),
+        # whole-net fractions of the dense parent (structured pruning: not the kept-filter fraction); outside
+        # the lottery protocol from the cost evaluator's parent / child ratios
+        "params_fraction": _fraction(r.get("params_nonzero"), r.get("lottery/dense_params"))
+        or _fraction(1.0, r.get("cost/nonzero_params_ratio")),
+        "flops_fraction": r.get("lottery/flops_fraction") or _fraction(1.0, r.get("cost/flops_ratio")),
         # compute: optimizer steps behind the result (a pruned net's include the trainings its mask inherits)
         "steps": r.get("lottery/cumulative_steps", r.get("global_step")),
         "setting": _setting(path.parent), "extra": {key: r[key] for key in PLOT_KEYS if r.get(key) is not None},

@@ -67,7 +67,10 @@ COLUMNS = [("test acc1 %", "test/acc1", 100), ("agree %", "retention/agreement",
            ("corr acc %", "robust/corruption_acc", 100), ("rel mCE", "robust/relative_mce", 1),
            ("PGD acc %", "robust/pgd_acc", 100), ("gradcam rho", "saliency/gradcam_spearman", 1),
            ("params x", "cost/params_ratio", 1), ("nonzero x", "cost/nonzero_params_ratio", 1),
-           ("int8 size x", "int8_size_ratio", 1), ("speedup b1", "cost/speedup_b1", 1)]
+           ("int8 size x", "int8_size_ratio", 1), ("speedup b1", "cost/speedup_b1", 1),
+           ("int8 ORT speedup b1", "int8/speedup_vs_fp32_ort", 1)]
+# cost/speedup_b1 times the evaluated net in eager PyTorch: for QAT that is the fake-quant net (slower than
+# fp32); its real int8 speed-up is int8/speedup_vs_fp32_ort (onnxruntime int8 vs fp32, same runtime)
 
 
 def int8_size_ratio(r: dict) -> float | None:
@@ -126,6 +129,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="study folder (default logs/bench_retention_mini[_smoke]); wiped")
     parser.add_argument("--smoke", action="store_true", help="tiny synthetic-data run of the same pipeline (< 3 min)")
     parser.add_argument("--publish", action="store_true", help=f"copy report, plots and table to {PUBLISH_DIR}")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run no job: rebuild the table and report of an existing study folder")
     parser.add_argument("--only", nargs="+", default=None, metavar="PRESET",
                         help="re-run only these compressed presets (e.g. retention_mini_qat8) in an existing study "
                              "folder, keeping its dense parents and other jobs; the report covers all of them")
@@ -135,7 +140,7 @@ def main() -> None:
         parser.error("--publish with --smoke would publish synthetic-data figures; drop one of them")
 
     out = Path(args.out or ROOT / ("logs/bench_retention_mini" + ("_smoke" if args.smoke else ""))).resolve()
-    only = args.only
+    only = [] if args.report_only else args.only
     if only is not None:
         unknown = sorted(set(only) - set(FROM_PARENT) - {KD})
         if unknown:
@@ -172,6 +177,13 @@ def main() -> None:
 
     lines, failed = technique_table(out)
     times = [f"{name}: {wall / 60:.2f} min" for name, wall in walls.items()] + [f"total: {total / 60:.2f} min"]
+    # every run of this study folder, so a re-run's table still shows what the other rows cost
+    history_file = out / "wall_times.json"
+    history = json.loads(history_file.read_text()) if only is not None and history_file.is_file() else []
+    if walls:
+        history.append({"presets": only or "all", "threads": args.threads, "jobs": args.jobs,
+                        "minutes": {name: round(wall / 60, 2) for name, wall in walls.items()}})
+    history_file.write_text(json.dumps(history, indent=2))
     print("\nwall time " + "; ".join(times) + f" ({args.threads} thread(s) per job, {args.jobs} job(s) at once)")
     print("\n".join(lines))
     print(f"failed jobs: {len(failed)}", *failed, sep="\n  ")
@@ -183,11 +195,19 @@ def main() -> None:
     print("report files:", ", ".join(str(p) for p in written))
     command = " ".join(["python bench/bench_retention_mini.py", f"--threads {args.threads}", f"--jobs {args.jobs}",
                         f"--seeds {args.seeds}", *(["--smoke"] if args.smoke else []),
-                        *(["--only", *only] if only else []), *args.overrides])
+                        *(["--only", *only] if only else []), *(["--report-only"] if args.report_only else []),
+                        *args.overrides])
     rerun = [f"This run re-ran only {', '.join(only)}; the other rows are the study folder's earlier jobs "
              "(their results.json record the commit that produced them).", ""] if only else []
-    summary = [f"# {TITLE}", "", f"command: `{command}`", "", *rerun, "wall time " + "; ".join(times)
-               + f" ({args.threads} thread(s) per job, {args.jobs} job(s) at once)", "",
+    if only == []:
+        rerun = ["Report rebuilt from the existing study folder (no job run).", ""]
+    runs = [f"- {'all presets' if h['presets'] == 'all' else ', '.join(h['presets'])}: "
+            + "; ".join(f"{k} {v:.2f} min" for k, v in h["minutes"].items())
+            + f" ({h['threads']} thread(s) per job, {h['jobs']} job(s) at once)" for h in history]
+    this_run = ["wall time " + "; ".join(times) + f" ({args.threads} thread(s) per job, {args.jobs} job(s) at once)",
+                ""] if walls else []
+    summary = [f"# {TITLE}", "", f"command: `{command}`", "", *rerun, *this_run,
+               *(["runs of this study folder (wall_times.json):", *runs, ""] if history and only is not None else []),
                "Mean +- sample std over seeds; ratios are parent / child (> 1 = smaller or faster); "
                "key definitions: docs/retention.md, docs/_parts/robustness.md, docs/_parts/saliency.md, "
                "docs/_parts/cost.md.", "", *lines, "", f"failed jobs: {len(failed)}", *[f"- {f}" for f in failed]]

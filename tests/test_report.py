@@ -280,3 +280,18 @@ def test_the_compute_column_is_the_mean_of_cumulative_steps(sweep):
     make_report(sweep)
     assert "train steps" in (sweep / "report.md").read_text()
     assert "train_steps_mean" in (sweep / "report.csv").read_text().splitlines()[0]
+
+
+def test_plain_runs_get_whole_net_fractions_from_the_cost_evaluator(retention_sweep):
+    """Outside the lottery protocol, the whole net's FLOPs (and non-zero params) fraction is 1 / the cost
+    evaluator's parent / child ratio; a run without cost/nonzero_params_ratio has no params fraction."""
+    rows, _ = collect(retention_sweep)
+    assert len(rows) == sum(len(seeds) for seeds in RETENTION.values())
+    for row in rows:
+        saved = json.loads((Path(row["dir"]) / "results.json").read_text())
+        assert row["flops_fraction"] == pytest.approx(1 / saved["cost/flops_ratio"])
+        assert row["params_fraction"] is None
+    job = next(Path(r["dir"]) for r in rows)
+    saved = json.loads((job / "results.json").read_text())
+    write_results(job, {**saved, "cost/nonzero_params_ratio": 4.0})
+    assert next(r for r in collect(retention_sweep)[0] if r["dir"] == str(job))["params_fraction"] == 0.25
