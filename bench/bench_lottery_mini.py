@@ -1,13 +1,17 @@
 """The CPU mini Lottery-Ticket study end to end: one sweep, its wall time, the report table and plots.
 
     python bench/bench_lottery_mini.py --data-root ../shared/data/cifar10-jpeg --threads 2 --publish
+    python bench/bench_lottery_mini.py --threads 2 --keep-store --publish   # continue an interrupted run
 
-Runs ``python run.py -m experiment=lth_resnet20_cifar10_mini`` (2 seeds x 3 IMP rounds x
-{rewind k=0, reinit, random_prune}) into a fresh sweep folder with a fresh stage store, so the
-dense runs and IMP rounds are trained inside the measured time, then prints the wall time, how
-many trainings the shared stages saved, and the report (mean +- std over seeds). ``--threads``
-sets OMP/torch threads of the jobs: the machine's cores are shared, so quote figures together
-with the load they ran under. ``--publish`` copies the table and plots to docs/results/.
+Runs ``python run.py -m experiment=lth_resnet20_cifar10_mini`` (its sweep: 5 seeds x 2 IMP rounds x
+{dense, rewind k=0, reinit, dense_reinit_seed, dense_compute_matched}) into a fresh sweep folder with
+a fresh stage store, so the dense runs and IMP rounds are trained inside the measured time, then
+prints the wall time, how many trainings the shared stages saved, and the report (mean +- std over
+seeds, paired differences with 95% CIs, compute). ``--keep-store`` keeps the stage store of an
+earlier run (its finished dense runs, masks and retrainings are reused; the wall time then covers
+only the rest). ``--threads`` sets OMP/torch threads of the jobs: the machine's cores are shared, so
+quote figures together with the load they ran under. ``--publish`` copies the table and plots to
+docs/results/.
 """
 from __future__ import annotations
 
@@ -31,11 +35,19 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "logs/bench_lottery_mini"))
     parser.add_argument("--experiment", default="lth_resnet20_cifar10_mini")
     parser.add_argument("--publish", action="store_true", help="copy report.md/csv/png to docs/results/")
+    parser.add_argument("--keep-store", action="store_true",
+                        help="keep <out>/store from an earlier (e.g. interrupted) run: its finished stages are reused, "
+                             "so the wall time covers only what is left")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = parser.parse_args()
 
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
+    if args.keep_store and (out / "store").is_dir():
+        for child in out.iterdir():  # the jobs' folders go; the stage store stays
+            if child.name != "store":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    else:
+        shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, str(ROOT / "run.py"), "-m", f"experiment={args.experiment}", f"data.root={args.data_root}",
@@ -74,8 +86,12 @@ def main() -> None:
         dest.mkdir(parents=True, exist_ok=True)
         for path in written:
             shutil.copy(path, dest / path.name)
-        (dest / "bench.txt").write_text(f"command: python bench/bench_lottery_mini.py --threads {args.threads}\n"
-                                        f"wall_min: {wall / 60:.1f}\njobs_ok: {len(rows)}\njobs_failed: {len(failed)}\n"
+        kept = " --keep-store" if args.keep_store else ""
+        (dest / "bench.txt").write_text(f"command: python bench/bench_lottery_mini.py --threads {args.threads}{kept}\n"
+                                        f"wall_min: {wall / 60:.1f}\n"
+                                        + ("stages_reused_from_an_earlier_run: true (wall_min is this run's only)\n"
+                                           if args.keep_store else "")
+                                        + f"jobs_ok: {len(rows)}\njobs_failed: {len(failed)}\n"
                                         f"trainings: {trainings}\ntrainings_without_sharing: {naive}\n")
         print("published to", dest)
 
