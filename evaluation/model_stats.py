@@ -66,10 +66,16 @@ def measure_latency_ms(net: nn.Module, input_size: tuple[int, int, int], batch_s
     return statistics.median(times)
 
 
-def eager_runner(net: nn.Module, input_size: tuple[int, ...], batch_size: int = 1) -> Callable[[], object]:
-    """One CPU inference-mode forward pass of (an eval copy of) ``net`` per call, for :func:`interleaved_latency_ms`."""
-    model = _cpu_eval_copy(net)
+def eager_runner(net: nn.Module, input_size: tuple[int, ...], batch_size: int = 1,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> Callable[[], object]:
+    """One CPU inference-mode forward pass of (an eval copy of) ``net`` per call, for :func:`interleaved_latency_ms`.
+
+    The copy and the input are put in ``memory_format`` (contiguous by default, as ``measure_latency_ms``):
+    a net trained in channels_last (the module's default) would otherwise be timed in another layout
+    than its parent loaded from a file, converting at every layer: not like with like."""
+    model = _cpu_eval_copy(net).to(memory_format=memory_format)
     x = torch.randn(batch_size, *input_size)
+    x = x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
 
     def run():
         with torch.inference_mode():

@@ -329,3 +329,20 @@ def test_the_config_builds_the_evaluator_with_the_code_defaults(tmp_path):
     assert isinstance(cost, Cost) and cost.seed == 3  # ${seed}
     defaults = {k: p.default for k, p in inspect.signature(Cost).parameters.items() if k != "seed"}
     assert {k: getattr(cost, k) for k in defaults} == {**defaults, "batch_sizes": list(defaults["batch_sizes"])}
+
+
+def test_eager_runner_times_a_channels_last_net_in_the_layout_of_its_parent():
+    """A net trained in channels_last (the module's default) is timed contiguous, like its parent loaded from a
+    file: otherwise every layer converts layouts and the child looks slower than it is."""
+    from torch import nn
+
+    from netcompress.evaluation.model_stats import eager_runner
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).to(memory_format=torch.channels_last)
+    run = eager_runner(net, (3, 16, 16))
+    cells = [c.cell_contents for c in run.__closure__]
+    model = next(c for c in cells if isinstance(c, nn.Module))
+    x = next(c for c in cells if isinstance(c, torch.Tensor))
+    assert all(m.weight.is_contiguous() for m in model if isinstance(m, nn.Conv2d)) and x.is_contiguous()
+    assert not net[0].weight.is_contiguous()  # the caller's net is untouched
+    assert run().shape == (1, 8, 12, 12)
