@@ -64,10 +64,13 @@ class MeasuredLatency:
         """Latency of the thinned net / latency of the dense net (medians, timed side by side)."""
         key = tuple(int(pruned.get(n, 0)) for n in self.layers)
         if key not in self._cache:
-            thin = self.thinned(pruned)
-            times = interleaved_latency_ms({"dense": eager_runner(self.net, self.input_size),
-                                            "pruned": eager_runner(thin, self.input_size)},
-                                           warmup=self.warmup, repeats=self.repeats)
-            self._cache[key] = times["pruned"] / times["dense"]
+            self._cache[key] = self.ratio(self.thinned(pruned))
             self.measurements += 1
         return self._cache[key]
+
+    def ratio(self, net: nn.Module) -> float:
+        """Latency of ``net`` (e.g. the fine-tuned thin net) / latency of the dense net, timed side by side."""
+        times = interleaved_latency_ms({"dense": eager_runner(self.net, self.input_size),
+                                        "pruned": eager_runner(net, self.input_size)},
+                                       warmup=self.warmup, repeats=self.repeats)
+        return times["pruned"] / times["dense"]

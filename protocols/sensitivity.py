@@ -30,7 +30,7 @@ from netcompress.compression.checks import check_int, plain
 from netcompress.compression.importance import check_weight_criterion
 from netcompress.compression.masks import check_choice
 from netcompress.compression.sensitivity import KINDS, Sensitivity, candidate_layers, check_ratios, sensitivity_table
-from netcompress.evaluation.model_stats import count_flops, count_parameters, eager_runner, interleaved_latency_ms
+from netcompress.evaluation.model_stats import count_flops, count_parameters
 from netcompress.pipeline.fit import fit_and_test, run_folder
 
 log = logging.getLogger(__name__)
@@ -217,10 +217,7 @@ class SensitivityProtocol:
             achieved = {"flops": count_flops(net, input_size) / count_flops(dense, input_size),
                         "params": count_parameters(net)[0] / count_parameters(dense)[0]}
             if latency is not None:  # the fine-tuned thin net against the dense one, timed side by side
-                times = interleaved_latency_ms({"dense": eager_runner(dense, input_size),
-                                                "pruned": eager_runner(net, input_size)},
-                                               warmup=latency.warmup, repeats=latency.repeats)
-                achieved["latency_ms"] = times["pruned"] / times["dense"]
+                achieved["latency_ms"] = latency.ratio(net)
             return achieved
         from netcompress.protocols.retrain_init import effective_flops
 
