@@ -81,6 +81,30 @@ def _tell_presets_apart(rows: list[dict]) -> None:
             row["label"] = f"{row['label']} [{row['task']}]"
 
 
+def _distinct_controls(rows: list[dict]) -> list[dict]:
+    """Unpruned controls of a lottery sweep (round 0, not the dense parent): a control job repeated once per
+    swept round is one result, kept once (else it would count n times over); a control trained as many
+    optimizer steps as the pruned nets of one sparsity of its seed (the compute-matched dense net) gets
+    those steps in its label and is paired with them (``paired_sparsity``)."""
+    cells: dict[tuple, set] = defaultdict(set)  # (seed, lr, cumulative steps) -> sparsities of pruned rows
+    for row in rows:
+        if row["round"] > 0 and row["steps"] is not None:
+            cells[(row["seed"], row["lr"], row["steps"])].add(round(row["sparsity"], 4))
+    seen, kept = set(), []
+    for row in rows:
+        if row["method"] not in ("run", "dense") and row["round"] == 0 and row["dense_key"]:
+            key = (row["label"], row["seed"], row["lr"], row["dense_key"], row["steps"])
+            if key in seen:
+                continue
+            seen.add(key)
+            matched = cells.get((row["seed"], row["lr"], row["steps"]), set())
+            if len(matched) == 1:
+                row["paired_sparsity"] = next(iter(matched))
+                row["label"] = f"{row['label']}, {row['steps']} steps"
+        kept.append(row)
+    return kept
+
+
 def _fraction(part: Any, whole: Any) -> float | None:
     return float(part) / float(whole) if part is not None and whole else None
 
@@ -155,6 +179,7 @@ def collect(root: str | Path) -> tuple[list[dict], list[dict]]:
         raise FileNotFoundError(f"report: no results.json and no Hydra job folder under {str(root)!r}; pass a "
                                 "multirun folder (logs/<task_name>/multiruns/<date>_<time>) or a run folder")
     _tell_presets_apart(rows)
+    rows = _distinct_controls(rows)
     if len({row["lr"] for row in rows}) > 1:  # a sweep over lr: one line per (method, lr)
         for row in rows:
             row["label"] = f"{row['label']} lr={row['lr']}"
@@ -177,23 +202,33 @@ def ci95(std: float | None, n: int) -> float | None:
 
 def paired_differences(rows: list[dict]) -> list[dict]:
     """Per (sparsity, method A, method B): the per-seed differences acc1(A) - acc1(B) over the seeds
-    both ran (a paired design: seed noise common to both cancels), mean, std and 95% CI."""
+    both ran (a paired design: seed noise common to both cancels), mean, std and 95% CI. Each method
+    is also paired with its seed's unpruned parent (B = ``dense (unpruned)``): pruned minus unpruned."""
     by_cell: dict[tuple, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
+    unpruned: dict[tuple, float] = {}  # (seed, lr) -> the dense parent's test acc1
     for row in rows:
-        if row["method"] != "dense":
-            by_cell[(round(row["sparsity"], 4), row["lr"])][row["label"]][row["seed"]] = float(row["acc1"])
+        if row["method"] == "dense":
+            unpruned[(row["seed"], row["lr"])] = float(row["acc1"])
+        else:
+            cell = row.get("paired_sparsity", round(row["sparsity"], 4))
+            by_cell[(cell, row["lr"])][row["label"]][row["seed"]] = float(row["acc1"])
+            if row["dense_acc1"] is not None:
+                unpruned.setdefault((row["seed"], row["lr"]), float(row["dense_acc1"]))
     pairs = []
-    for (sparsity, _), methods in sorted(by_cell.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+    for (sparsity, lr), methods in sorted(by_cell.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         labels = sorted(methods)
-        for i, a in enumerate(labels):
-            for b in labels[i + 1:]:
-                seeds = sorted(set(methods[a]) & set(methods[b]), key=str)
-                if len(seeds) < 2:
-                    continue
-                diffs = [methods[a][s] - methods[b][s] for s in seeds]
-                mean, std = _stats(diffs)
-                pairs.append({"sparsity": sparsity, "a": a, "b": b, "n": len(seeds), "diff_mean": mean,
-                              "diff_std": std, "diff_ci95": ci95(std, len(seeds))})
+        parent = {seed: acc for (seed, row_lr), acc in unpruned.items() if row_lr == lr}
+        candidates = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
+        candidates += [(a, DENSE_LABEL) for a in labels]
+        for a, b in candidates:
+            b_accs = parent if b == DENSE_LABEL else methods[b]
+            seeds = sorted(set(methods[a]) & set(b_accs), key=str)
+            if len(seeds) < 2:
+                continue
+            diffs = [methods[a][s] - b_accs[s] for s in seeds]
+            mean, std = _stats(diffs)
+            pairs.append({"sparsity": sparsity, "a": a, "b": b, "n": len(seeds), "diff_mean": mean,
+                          "diff_std": std, "diff_ci95": ci95(std, len(seeds))})
     return pairs
 
 

@@ -32,8 +32,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared/data/cifar10-jpeg"))
     parser.add_argument("--threads", type=int, default=2, help="torch/OMP threads per job (cores are shared)")
-    parser.add_argument("--out", default=str(ROOT / "logs/bench_lottery_mini"))
     parser.add_argument("--experiment", default="lth_resnet20_cifar10_mini")
+    parser.add_argument("--out", default=None, help="sweep folder (default logs/bench_<experiment>: each preset its own, "
+                                                     "so one study never wipes another's stage store)")
     parser.add_argument("--publish", action="store_true", help="copy report.md/csv/png to docs/results/")
     parser.add_argument("--keep-store", action="store_true",
                         help="keep <out>/store from an earlier (e.g. interrupted) run: its finished stages are reused, "
@@ -41,7 +42,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = parser.parse_args()
 
-    out = Path(args.out)
+    out = Path(args.out or ROOT / "logs" / f"bench_{args.experiment}")
     if args.keep_store and (out / "store").is_dir():
         for child in out.iterdir():  # the jobs' folders go; the stage store stays
             if child.name != "store":
@@ -86,8 +87,11 @@ def main() -> None:
         dest.mkdir(parents=True, exist_ok=True)
         for path in written:
             shutil.copy(path, dest / path.name)
-        kept = " --keep-store" if args.keep_store else ""
-        (dest / "bench.txt").write_text(f"command: python bench/bench_lottery_mini.py --threads {args.threads}{kept}\n"
+        flags = " ".join(sys.argv[1:])
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - wall))
+        (dest / "bench.txt").write_text(f"command: python bench/bench_lottery_mini.py {flags}\n"
+                                        f"started: {started}; {os.cpu_count()} CPU cores; load average at the end "
+                                        f"{os.getloadavg()[0]:.1f}\n"
                                         f"wall_min: {wall / 60:.1f}\n"
                                         + ("stages_reused_from_an_earlier_run: true (wall_min is this run's only)\n"
                                            if args.keep_store else "")

@@ -232,22 +232,34 @@ def test_a_ddp_rank_above_zero_trains_each_stage_alongside_rank0_without_its_loc
     assert stage_store.process_rank() == 3
 
 
+STRUCTURED_FINETUNE = ["protocol.method=finetune", "protocol.prune.kind=structured", "protocol.prune.criterion=l1_filter",
+                       "protocol.prune.schedule=oneshot", "protocol.prune.sparsity=0.5", "protocol.prune.scope=layer"]
+
+
 @pytest.mark.slow
-def test_lottery_job_under_ddp_on_two_cpu_processes_trains_each_stage_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("job,expected_stages", [(["protocol.method=rewind", "protocol.prune.round=1"],
+                                                  ["dense", "mask", "train"]),
+                                                 (STRUCTURED_FINETUNE, ["dense", "mask"])])
+def test_lottery_job_under_ddp_on_two_cpu_processes_trains_each_stage_once(tmp_path, monkeypatch, job,
+                                                                            expected_stages):
     """Both ranks run the protocol: rank 1 must train each stage with rank 0 (not wait on its lock), and both
-    must key the stages alike (the thread count Lightning gives each rank is fixed before any key)."""
+    must key the stages alike (the thread count Lightning gives each rank is fixed before any key). A thin
+    (structured) net is built by every rank before DDP wraps it."""
     from conftest import run_cli
 
     store = tmp_path / "store"
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # Lightning's own thread rule applies
-    result = run_cli([*TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "protocol=lottery",
-                      "protocol.method=rewind", "protocol.prune.round=1", f"protocol.store_dir={store}",
-                      f"hydra.run.dir={tmp_path / 'run'}"], timeout=600)
+    result = run_cli([*TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "protocol=lottery", *job,
+                      f"protocol.store_dir={store}", f"hydra.run.dir={tmp_path / 'run'}"], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert saved["status"] == "ok" and saved["world_size"] == 2 and saved["params_nonzero"] < saved["params_total"]
+    assert saved["status"] == "ok" and saved["world_size"] == 2
+    if "protocol.prune.kind=structured" in job:  # channels removed: the net itself is smaller
+        assert saved["params_total"] < saved["lottery/dense_params"] and saved["lottery/flops_fraction"] < 0.9
+    else:  # masked: same shapes, zeros
+        assert saved["params_nonzero"] < saved["params_total"]
     stages = sorted(p.name.split("-")[0] for p in store.iterdir() if p.is_dir())
-    assert stages == ["dense", "mask", "train"], stages  # one of each: no rank keyed its own
+    assert stages == expected_stages, stages  # one of each: no rank keyed its own
     assert not [p for p in store.iterdir() if ".rank" in p.name]  # rank 1's private copies are gone
 
 
@@ -442,9 +454,26 @@ def test_every_preset_composes_and_builds_its_protocol(tmp_path, preset):
     if preset.startswith("lth_") and not preset.endswith("_mini"):  # the issue's grid: 5+ sparsities, 3 seeds, 2 lrs
         assert len(str(params["protocol.prune.round"]).split(",")) >= 5 and str(params.seed) == "0,1,2"
         assert str(params["optimizer.lr"]) == "0.1,0.01" and protocol.prune["rate"] == 0.2
+    methods = set(str(params["protocol.method"]).split(","))
     if preset.startswith("rethinking_"):
         assert protocol.prune["kind"] == "structured"
-        assert set(str(params["protocol.method"]).split(",")) == {"dense", "finetune", "scratch_e", "scratch_b"}
+        assert methods - {"dense_reinit_seed"} == {"dense", "finetune", "scratch_e", "scratch_b"}
+    if preset.endswith("_mini"):  # small studies: >= 5 seeds, paired by seed, with the init-seed control
+        assert len(str(params.seed).split(",")) >= 5 and {"dense", "dense_reinit_seed"} <= methods
+    if preset.startswith("lth_") and preset.endswith("_mini"):
+        assert {"rewind", "reinit", "dense_compute_matched"} <= methods
+
+
+@pytest.mark.parametrize("mini,full", [("lth_vgg16_cifar10_mini", "lth_vgg16_cifar10"),
+                                       ("rethinking_slimming_vgg19_mini", "rethinking_slimming_vgg19"),
+                                       ("rethinking_l1norm_resnet56_mini", "rethinking_l1norm_resnet56")])
+def test_a_mini_prunes_the_layers_its_full_preset_prunes(tmp_path, mini, full):
+    """A mini shrinks width, data and epochs only: which layers are pruned, and how, is its paper's."""
+    keys = ("kind", "criterion", "scope", "include", "exclude", "skip_first_last", "layer_sparsity", "layer_rate",
+            "rounding", "round_to")
+    prune = {name: OmegaConf.to_container(compose_config([f"experiment={name}"], tmp_path / name).protocol.prune)
+             for name in (mini, full)}
+    assert {k: prune[mini][k] for k in keys} == {k: prune[full][k] for k in keys}
 
 
 class _LrProbe(pl.Callback):

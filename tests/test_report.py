@@ -172,6 +172,20 @@ def test_confidence_intervals_and_paired_differences_against_hand_computation(sw
     assert "Paired differences" in md and "| 51.2% | reinit (Scratch-E) | rewind k=0 | 3 |" in md
 
 
+def test_every_method_is_paired_with_its_seeds_unpruned_parent(sweep):
+    """pruned minus unpruned, per seed: the parent's accuracy comes from the same seed's dense run."""
+    from netcompress.report import paired_differences
+
+    rows, _ = collect(sweep)
+    pairs = {(d["sparsity"], d["a"], d["b"]): d for d in paired_differences(rows)}
+    d = pairs[(0.2, "rewind k=0", DENSE_LABEL)]
+    diffs = [acc - DENSE[seed] for seed, acc in enumerate(ACC[("rewind k=0", 0.2)])]
+    diff_mean, diff_std = reference(diffs)
+    assert d["n"] == 3 and d["diff_mean"] == pytest.approx(diff_mean) and d["diff_std"] == pytest.approx(diff_std)
+    assert (0.488, "reinit (Scratch-E)", DENSE_LABEL) in pairs
+    assert not any(a == DENSE_LABEL for _, a, _ in pairs)  # the parent is always B: A - B reads pruned - unpruned
+
+
 # ----- retention vs compression plots (Hooker et al. 2019) -------------------------------------
 # (technique, override) -> per seed: (params_ratio, flops_ratio, agreement, forgetting, per-class forgetting)
 RETENTION = {
@@ -295,3 +309,41 @@ def test_plain_runs_get_whole_net_fractions_from_the_cost_evaluator(retention_sw
     saved = json.loads((job / "results.json").read_text())
     write_results(job, {**saved, "cost/nonzero_params_ratio": 4.0})
     assert next(r for r in collect(retention_sweep)[0] if r["dir"] == str(job))["params_fraction"] == 0.25
+
+
+def control_job(folder: Path, method: str, label: str, seed: int, acc: float, steps: int, sparsity: float = 0.0,
+                round_: int = 0) -> None:
+    (folder / ".hydra").mkdir(parents=True)
+    write_results(folder, {
+        "status": "ok", "seed": seed, "model_name": "resnet20_cifar", "test/acc1": acc, "flops": 1000,
+        "lottery/method": method, "lottery/label": label, "lottery/sparsity": sparsity, "lottery/round": round_,
+        "lottery/dense_test_acc1": DENSE[seed], "lottery/dense_key": f"dense-{seed}",
+        "lottery/cumulative_steps": steps, "config": {"optimizer": {"lr": 0.01}}})
+
+
+def test_controls_repeated_per_round_count_once_and_compute_matched_pair_with_their_round(tmp_path):
+    """A sweep runs dense_reinit_seed once per swept round (the same net each time) and dense_compute_matched
+    once per round at that round's compute: the first must count once per seed (n = seeds, not seeds x
+    rounds), the second must not average two training lengths and must pair with the round it matches."""
+    from netcompress.report import paired_differences
+
+    n = 0
+    tickets = {1: [0.40, 0.42, 0.41], 2: [0.43, 0.45, 0.44]}  # round -> per seed; 300 steps per training
+    matched = {1: [0.45, 0.46, 0.44], 2: [0.50, 0.49, 0.52]}
+    for seed in range(3):
+        for round_ in (1, 2):
+            control_job(tmp_path / str(n), "rewind", "rewind k=0", seed, tickets[round_][seed], 300 * (round_ + 1),
+                        sparsity=1 - 0.5 ** round_, round_=round_)
+            control_job(tmp_path / str(n + 1), "dense_reinit_seed", "dense (reinit seed)", seed, 0.37 + seed / 100, 300)
+            control_job(tmp_path / str(n + 2), "dense_compute_matched", "dense (compute-matched)", seed,
+                        matched[round_][seed], 300 * (round_ + 1))
+            n += 3
+    table = {t["label"]: t for t in aggregate(collect(tmp_path)[0])}
+    assert table["dense (reinit seed)"]["n"] == 3
+    assert table["dense (compute-matched), 600 steps"]["acc1_mean"] == pytest.approx(sum(matched[1]) / 3)
+    assert table["dense (compute-matched), 900 steps"]["n"] == 3
+    pairs = {(d["sparsity"], d["a"], d["b"]): d for d in paired_differences(collect(tmp_path)[0])}
+    d = pairs[(0.75, "dense (compute-matched), 900 steps", "rewind k=0")]
+    assert d["diff_mean"] == pytest.approx(sum(m - t for m, t in zip(matched[2], tickets[2])) / 3)
+    assert not [k for k in pairs if "600 steps" in k[1] and k[0] != 0.5]  # paired only in its own round
+    assert pairs[(0.0, "dense (reinit seed)", DENSE_LABEL)]["n"] == 3
