@@ -118,6 +118,7 @@ def _row(path: Path, r: dict) -> dict:
         "method": method, "lr": _get(config, "optimizer.lr"), "seed": r.get("seed"), "task": config.get("task_name"),
         "model": r.get("model_name"), "round": r.get("lottery/round", 0) or 0, "sparsity": float(sparsity),
         "remaining": 1.0 - float(sparsity), "acc1": r.get("test/acc1"),
+        "sparsity_recorded": "lottery/sparsity" in r or "compress/sparsity" in r,
         "flops": r.get("lottery/effective_flops", r.get("flops")), "dense_acc1": r.get("lottery/dense_test_acc1"),
         "dense_flops": r.get("lottery/dense_flops"), "dense_key": r.get("lottery/dense_key"),
         "train_time_s": r.get("train_time_s"), "reused": bool(r.get("lottery/reused_stage")),
@@ -206,12 +207,15 @@ def paired_differences(rows: list[dict]) -> list[dict]:
     is also paired with its seed's unpruned parent (B = ``dense (unpruned)``): pruned minus unpruned."""
     by_cell: dict[tuple, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
     unpruned: dict[tuple, float] = {}  # (seed, lr) -> the dense parent's test acc1
+    recorded: set[tuple] = set()  # cells whose runs record a sparsity (others: techniques that do not prune)
     for row in rows:
         if row["method"] == "dense":
             unpruned[(row["seed"], row["lr"])] = float(row["acc1"])
         else:
             cell = row.get("paired_sparsity", round(row["sparsity"], 4))
             by_cell[(cell, row["lr"])][row["label"]][row["seed"]] = float(row["acc1"])
+            if row.get("sparsity_recorded", True):
+                recorded.add((cell, row["lr"]))
             if row["dense_acc1"] is not None:
                 unpruned.setdefault((row["seed"], row["lr"]), float(row["dense_acc1"]))
     pairs = []
@@ -227,7 +231,8 @@ def paired_differences(rows: list[dict]) -> list[dict]:
                 continue
             diffs = [methods[a][s] - b_accs[s] for s in seeds]
             mean, std = _stats(diffs)
-            pairs.append({"sparsity": sparsity, "a": a, "b": b, "n": len(seeds), "diff_mean": mean,
+            pairs.append({"sparsity": sparsity if (sparsity, lr) in recorded else None, "a": a, "b": b,
+                          "n": len(seeds), "diff_mean": mean,
                           "diff_std": std, "diff_ci95": ci95(std, len(seeds))})
     return pairs
 
@@ -264,7 +269,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
                       "flops_mean": _mean_of(members, "flops"),
                       "params_fraction": _mean_of(members, "params_fraction"),
                       "flops_fraction": _mean_of(members, "flops_fraction"),
-                      "steps_mean": _mean_of(members, "steps")})
+                      "steps_mean": _mean_of(members, "steps"),
+                      "sparsity_recorded": any(m.get("sparsity_recorded", True) for m in members)})
     return table
 
 
@@ -289,7 +295,8 @@ def write_csv(table: list[dict], path: Path) -> None:
                          "flops_fraction", "n", "test_acc1_mean", "test_acc1_std", "test_acc1_ci95", "flops_mean",
                          "train_steps_mean"])
         for t in table:
-            writer.writerow([t["label"], f"{t['sparsity']:.4f}", f"{t['remaining']:.4f}",
+            known = t.get("sparsity_recorded", True)  # a technique that records no sparsity (QAT, KD): blank
+            writer.writerow([t["label"], f"{t['sparsity']:.4f}" if known else "", f"{t['remaining']:.4f}" if known else "",
                              _fmt(t["params_fraction"], ".4f"), _fmt(t["flops_fraction"], ".4f"), t["n"],
                              f"{t['acc1_mean']:.6f}", _fmt(t["acc1_std"], ".6f"), _fmt(t["acc1_ci95"], ".6f"),
                              _fmt(t["flops_mean"], ".0f"), _fmt(t.get("steps_mean"), ".0f")])
@@ -312,18 +319,21 @@ def write_markdown(table: list[dict], failed: list[dict], path: Path, title: str
         flops = _fmt(t["flops_mean"] / 1e6 if t["flops_mean"] else None, ".2f")
         params_fraction = _fmt(100 * t["params_fraction"] if t["params_fraction"] is not None else None, ".1f")
         flops_fraction = _fmt(100 * t["flops_fraction"] if t["flops_fraction"] is not None else None, ".1f")
-        lines.append(f"| {t['label']} | {100 * t['remaining']:.1f}% | {params_fraction + '%' if params_fraction else ''} "
+        remaining = f"{100 * t['remaining']:.1f}%" if t.get("sparsity_recorded", True) else "-"
+        lines.append(f"| {t['label']} | {remaining} | {params_fraction + '%' if params_fraction else ''} "
                      f"| {flops_fraction + '%' if flops_fraction else ''} | {t['n']} "
                      f"| {100 * t['acc1_mean']:.2f}{std} | {_fmt(pct(t['acc1_ci95']), '.2f')} | {flops} "
                      f"| {_fmt(t.get('steps_mean'), '.0f')} |")
     if pairs:
-        lines += ["", "Paired differences (same seeds, same sparsity): acc1(A) - acc1(B) in points, mean +- std "
-                  "and 95% CI; an interval that contains 0 is no evidence of a difference.", "",
+        lines += ["", "Paired differences (same seeds; same sparsity where the runs record one, else - ): "
+                  "acc1(A) - acc1(B) in points, mean +- std and 95% CI; an interval that contains 0 is no evidence "
+                  "of a difference.", "",
                   "| pruned layers remaining | A | B | n | A - B | 95% CI |", "|---:|---|---|---:|---:|---:|"]
         for d in pairs:
             std = f" +- {100 * d['diff_std']:.2f}" if d["diff_std"] is not None else ""
             lo, hi = d["diff_mean"] - (d["diff_ci95"] or 0.0), d["diff_mean"] + (d["diff_ci95"] or 0.0)
-            lines.append(f"| {100 * (1 - d['sparsity']):.1f}% | {d['a']} | {d['b']} | {d['n']} "
+            cell = f"{100 * (1 - d['sparsity']):.1f}%" if d["sparsity"] is not None else "-"
+            lines.append(f"| {cell} | {d['a']} | {d['b']} | {d['n']} "
                          f"| {100 * d['diff_mean']:+.2f}{std} | [{100 * lo:+.2f}, {100 * hi:+.2f}] |")
     figures = list(figures)
     if figures:

@@ -347,3 +347,23 @@ def test_controls_repeated_per_round_count_once_and_compute_matched_pair_with_th
     assert d["diff_mean"] == pytest.approx(sum(m - t for m, t in zip(matched[2], tickets[2])) / 3)
     assert not [k for k in pairs if "600 steps" in k[1] and k[0] != 0.5]  # paired only in its own round
     assert pairs[(0.0, "dense (reinit seed)", DENSE_LABEL)]["n"] == 3
+
+
+def test_techniques_that_record_no_sparsity_show_none_instead_of_100_percent(tmp_path):
+    """QAT / KD runs record no sparsity: the table and the pairs must not call them '100% remaining'."""
+    from netcompress.report import paired_differences
+
+    for n, (technique, seed, acc) in enumerate([("qat", 0, 0.50), ("qat", 1, 0.52), ("kd", 0, 0.47), ("kd", 1, 0.48)]):
+        (tmp_path / str(n) / ".hydra").mkdir(parents=True)
+        write_results(tmp_path / str(n), {"status": "ok", "seed": seed, "model_name": "resnet20_cifar",
+                                          "test/acc1": acc, "flops": 1000,
+                                          "config": {"callbacks": {technique: {"_target_": f"netcompress.callbacks.{technique}.X"}},
+                                                     "optimizer": {"lr": 0.01}}})
+    rows, _ = collect(tmp_path)
+    [pair] = paired_differences(rows)
+    assert (pair["a"], pair["b"], pair["sparsity"]) == ("kd", "qat", None)
+    assert pair["diff_mean"] == pytest.approx(((0.47 - 0.50) + (0.48 - 0.52)) / 2)
+    make_report(tmp_path, title="no sparsity")
+    md = (tmp_path / "report.md").read_text()
+    assert "100.0%" not in md and "| - |" in md
+    assert {r["pruned_layer_remaining"] for r in csv.DictReader((tmp_path / "report.csv").open())} == {""}
