@@ -69,9 +69,10 @@ def main() -> None:
             stage_times[s.name.split("-")[0]].append(json.loads(metrics.read_text())["train_time_s"])
     job_times = [r["train_time_s"] for r in rows if not r.get("reused")]
     trainings = sum(len(v) for v in stage_times.values()) + len(job_times)
-    naive = len(rows) * 2 + sum(r["round"] - 1 for r in rows)  # no sharing: dense + IMP chain + retrain per job
-    print(f"\nexit code {proc.returncode}; wall time {wall / 60:.1f} min for {len(rows)} jobs ok, "
-          f"{len(failed)} failed; {trainings} trainings run (without shared stages: {naive})")
+    jobs_ok = sum(1 for f in out.glob("*/results.json") if json.loads(f.read_text()).get("status") == "ok")
+    print(f"\nexit code {proc.returncode}; wall time {wall / 60:.1f} min for {jobs_ok} jobs ok "
+          f"({len(rows)} distinct results: a control repeated per swept round counts once), {len(failed)} failed; "
+          f"{trainings} trainings run")
     print(f"{'what':<12}{'n':>4}{'mean train s':>14}")
     for kind, times in [*stage_times.items(), ("job retrain", job_times)]:
         if times:
@@ -95,8 +96,8 @@ def main() -> None:
                                         f"wall_min: {wall / 60:.1f}\n"
                                         + ("stages_reused_from_an_earlier_run: true (wall_min is this run's only)\n"
                                            if args.keep_store else "")
-                                        + f"jobs_ok: {len(rows)}\njobs_failed: {len(failed)}\n"
-                                        f"trainings: {trainings}\ntrainings_without_sharing: {naive}\n")
+                                        + f"jobs_ok: {jobs_ok}\ndistinct_results: {len(rows)}\n"
+                                        f"jobs_failed: {len(failed)}\ntrainings: {trainings}\n")
         print("published to", dest)
 
 
