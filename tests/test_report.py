@@ -357,8 +357,8 @@ def test_techniques_that_record_no_sparsity_show_none_instead_of_100_percent(tmp
         (tmp_path / str(n) / ".hydra").mkdir(parents=True)
         write_results(tmp_path / str(n), {"status": "ok", "seed": seed, "model_name": "resnet20_cifar",
                                           "test/acc1": acc, "flops": 1000,
-                                          "config": {"callbacks": {technique: {"_target_": f"netcompress.callbacks.{technique}.X"}},
-                                                     "optimizer": {"lr": 0.01}}})
+                                          "config": {"optimizer": {"lr": 0.01}, "callbacks": {
+                                              technique: {"_target_": f"netcompress.callbacks.{technique}.X"}}}})
     rows, _ = collect(tmp_path)
     [pair] = paired_differences(rows)
     assert (pair["a"], pair["b"], pair["sparsity"]) == ("kd", "qat", None)
