@@ -113,12 +113,14 @@ def _row(path: Path, r: dict) -> dict:
     config = r.get("config") or {}
     sparsity = r.get("lottery/sparsity", r.get("compress/sparsity")) or 0.0
     method = r.get("lottery/method") or "run"
+    label = r.get("lottery/label") or r.get("lottery/method") or _compression_label(config)
     return {
-        "dir": str(path.parent), "label": r.get("lottery/label") or r.get("lottery/method") or _compression_label(config),
+        "dir": str(path.parent), "label": label,
         "method": method, "lr": _get(config, "optimizer.lr"), "seed": r.get("seed"), "task": config.get("task_name"),
         "model": r.get("model_name"), "round": r.get("lottery/round", 0) or 0, "sparsity": float(sparsity),
         "remaining": 1.0 - float(sparsity), "acc1": r.get("test/acc1"),
-        "sparsity_recorded": "lottery/sparsity" in r or "compress/sparsity" in r,
+        # a plain run with no compression entry is dense by construction: 100% remaining is known, not assumed
+        "sparsity_recorded": "lottery/sparsity" in r or "compress/sparsity" in r or label == "dense",
         "flops": r.get("lottery/effective_flops", r.get("flops")), "dense_acc1": r.get("lottery/dense_test_acc1"),
         "dense_flops": r.get("lottery/dense_flops"), "dense_key": r.get("lottery/dense_key"),
         "train_time_s": r.get("train_time_s"), "reused": bool(r.get("lottery/reused_stage")),
@@ -207,7 +209,7 @@ def paired_differences(rows: list[dict]) -> list[dict]:
     is also paired with its seed's unpruned parent (B = ``dense (unpruned)``): pruned minus unpruned."""
     by_cell: dict[tuple, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
     unpruned: dict[tuple, float] = {}  # (seed, lr) -> the dense parent's test acc1
-    recorded: set[tuple] = set()  # cells whose runs record a sparsity (others: techniques that do not prune)
+    recorded: set[tuple] = set()  # (cell, lr, label) whose runs record a sparsity (others: techniques that do not prune)
     for row in rows:
         if row["method"] == "dense":
             unpruned[(row["seed"], row["lr"])] = float(row["acc1"])
@@ -215,7 +217,7 @@ def paired_differences(rows: list[dict]) -> list[dict]:
             cell = row.get("paired_sparsity", round(row["sparsity"], 4))
             by_cell[(cell, row["lr"])][row["label"]][row["seed"]] = float(row["acc1"])
             if row.get("sparsity_recorded", True):
-                recorded.add((cell, row["lr"]))
+                recorded.add((cell, row["lr"], row["label"]))
             if row["dense_acc1"] is not None:
                 unpruned.setdefault((row["seed"], row["lr"]), float(row["dense_acc1"]))
     pairs = []
@@ -231,7 +233,8 @@ def paired_differences(rows: list[dict]) -> list[dict]:
                 continue
             diffs = [methods[a][s] - b_accs[s] for s in seeds]
             mean, std = _stats(diffs)
-            pairs.append({"sparsity": sparsity if (sparsity, lr) in recorded else None, "a": a, "b": b,
+            known = all((sparsity, lr, label) in recorded for label in (a, b) if label != DENSE_LABEL)
+            pairs.append({"sparsity": sparsity if known else None, "a": a, "b": b,
                           "n": len(seeds), "diff_mean": mean,
                           "diff_std": std, "diff_ci95": ci95(std, len(seeds))})
     return pairs

@@ -367,3 +367,24 @@ def test_techniques_that_record_no_sparsity_show_none_instead_of_100_percent(tmp
     md = (tmp_path / "report.md").read_text()
     assert "100.0%" not in md and "| - |" in md
     assert {r["pruned_layer_remaining"] for r in csv.DictReader((tmp_path / "report.csv").open())} == {""}
+
+
+def test_a_plain_dense_run_is_100_percent_remaining_and_qat_beside_it_is_not(tmp_path):
+    """A run with no compression entry is dense by construction (100% known); QAT beside it records nothing."""
+    for n, callbacks in enumerate([{}, {"qat": {"_target_": "netcompress.callbacks.qat.QAT"}}]):
+        (tmp_path / str(n) / ".hydra").mkdir(parents=True)
+        write_results(tmp_path / str(n), {"status": "ok", "seed": 0, "model_name": "resnet20_cifar",
+                                          "test/acc1": 0.5, "config": {"callbacks": callbacks}})
+    make_report(tmp_path, title="dense and qat")
+    md = (tmp_path / "report.md").read_text()
+    assert "| dense | 100.0% |" in md and "| qat | - |" in md
+    remaining = {r["method"]: r["pruned_layer_remaining"] for r in csv.DictReader((tmp_path / "report.csv").open())}
+    assert remaining["qat"] == "" and float(remaining["dense"]) == pytest.approx(1.0)
+    from netcompress.report import paired_differences
+    for n in (2, 3):  # a second seed of each, so they pair
+        (tmp_path / str(n) / ".hydra").mkdir(parents=True)
+        write_results(tmp_path / str(n), {"status": "ok", "seed": 1, "model_name": "resnet20_cifar", "test/acc1": 0.4,
+                                          "config": {"callbacks": {} if n == 2 else {
+                                              "qat": {"_target_": "netcompress.callbacks.qat.QAT"}}}})
+    [pair] = paired_differences(collect(tmp_path)[0])
+    assert pair["sparsity"] is None  # dense vs qat: one side records no sparsity, so the pair has none
