@@ -464,7 +464,8 @@ def test_every_preset_composes_and_builds_its_protocol(tmp_path, preset):
         assert {"rewind", "reinit", "dense_compute_matched"} <= methods
 
 
-@pytest.mark.parametrize("mini,full", [("lth_vgg16_cifar10_mini", "lth_vgg16_cifar10"),
+@pytest.mark.parametrize("mini,full", [("lth_resnet20_cifar10_mini", "lth_resnet20_cifar10"),
+                                       ("lth_vgg16_cifar10_mini", "lth_vgg16_cifar10"),
                                        ("rethinking_slimming_vgg19_mini", "rethinking_slimming_vgg19"),
                                        ("rethinking_l1norm_resnet56_mini", "rethinking_l1norm_resnet56")])
 def test_a_mini_prunes_the_layers_its_full_preset_prunes(tmp_path, mini, full):
