@@ -97,6 +97,7 @@ def criterion_rows(root: Path) -> tuple[list[dict], list[dict]]:
         if isinstance(slimming, dict):
             row["lr"] = slimming.get("finetune_lr") or row["lr"]  # epoch 0 runs at lr ~0; this is the fine-tuning lr
             row["sparsity"] = float(r.get("compress/channels_pruned") or 0.0)
+            row["sparsity_recorded"] = r.get("compress/channels_pruned") is not None
         row["train_time_s"] = _number(r.get("train_time_s"))
     by_label = defaultdict(list)
     for row in rows:
