@@ -1,6 +1,7 @@
 """Any ``root/train/<class>/*.jpg`` + ``root/val/<class>/*.jpg`` tree (ImageNet and the like),
 with the standard Inception-style training crops of Szegedy et al. 2015 as used for ResNets
-(RandomResizedCrop + flip; eval: Resize + CenterCrop), through worker-process DataLoaders.
+(RandomResizedCrop + flip; eval: Resize + CenterCrop): decoded by PIL in worker processes, or on
+the training device (``decode``, ``device_decode.py``) so that a GPU is not starved for JPEGs.
 """
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from netcompress.datamodules.checks import as_float_tuple, check_nonnegative_int, check_positive_int
+from netcompress.datamodules.device_decode import DeviceDecodeLoader, EncodedImages
 from netcompress.datamodules.eval_order import stratified_order
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SUBSET_SEED = 0  # fixed: train_subset picks the same images in every run
 LAYOUT = "root/train/<class>/*.jpg + root/val/<class>/*.jpg (or root/test/<class>/*.jpg)"
+DECODE = ("workers", "device", "auto")
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -74,6 +77,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
         mean, std: per-channel normalisation on the [0, 1] scale.
         pin_memory: page-locked batches for faster host-to-GPU copies (only when CUDA exists).
         persistent_workers: keep workers alive between epochs (only with num_workers > 0).
+        decode: ``workers``: PIL decodes and augments in the worker processes (torchvision transforms);
+            ``device``: workers only read the files, and JPEG decoding (nvJPEG on a GPU) and the same
+            crops run on the training device, batch by batch; ``auto``: ``device`` when the trainer
+            trains on CUDA, else ``workers``.
+        seed: with ``decode`` on the device, each epoch's order and crops are a function of (seed, epoch).
 
     ``num_classes`` (the number of class folders in ``train/``), ``classes`` and ``input_size``
     are known right after construction, which checks the folder layout. Test uses ``test/`` if
@@ -93,6 +101,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         std: Sequence[float] = IMAGENET_STD,
         pin_memory: bool = True,
         persistent_workers: bool = True,
+        decode: str = "workers",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         check_positive_int("data.batch_size", batch_size)
@@ -102,6 +112,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if resize_size < image_size:
             raise ValueError(f"`data.resize_size` must be >= data.image_size={image_size}; got {resize_size}")
         check_positive_int("data.train_subset", train_subset, allow_none=True)
+        if decode not in DECODE:
+            raise ValueError(f"`data.decode` must be one of {', '.join(DECODE)}; got {decode!r}")
+        self.decode, self.seed = decode, seed
         self.mean = as_float_tuple("data.mean", mean)
         self.std = as_float_tuple("data.std", std)
         if min(self.std) <= 0:
@@ -174,15 +187,30 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.val_set = Subset(val, stratified_order(torch.tensor(val.targets)).tolist())
         self.test_set = self.val_set if same else Subset(test, stratified_order(torch.tensor(test.targets)).tolist())
 
-    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+    def _device(self) -> torch.device:
+        """Where the trainer trains (its root device), else the CPU."""
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
+    def decodes_on_device(self) -> bool:
+        """``decode=device``, or ``auto`` with a trainer that trains on CUDA."""
+        return self.decode == "device" or (self.decode == "auto" and self._device().type == "cuda")
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader | DeviceDecodeLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
+        if self.decodes_on_device():
+            trainer = self.trainer
+            rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            return DeviceDecodeLoader(_encoded(dataset), self.batch_size, self._device, self.mean, self.std,
+                                      self.image_size, self.resize_size, train, num_workers=self.num_workers,
+                                      seed=self.seed, rank=rank, world_size=world_size, pin_memory=self.pin_memory)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=train,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.persistent_workers)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (Lightning adds a DistributedSampler under DDP), last partial batch dropped."""
+        """Shuffled, last partial batch dropped (workers: Lightning adds a DistributedSampler under DDP;
+        on the device: the loader shards by rank itself)."""
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -190,6 +218,15 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
+
+
+def _encoded(dataset: Dataset) -> Dataset:
+    """The same samples, in the same (Subset) order, as encoded bytes for :class:`DeviceDecodeLoader`."""
+    if isinstance(dataset, Subset):
+        return Subset(_encoded(dataset.dataset), dataset.indices)
+    if isinstance(dataset, ImageFolder):
+        return EncodedImages(dataset.samples)
+    raise TypeError(f"cannot decode {type(dataset).__name__} on the device: expected an ImageFolder or a Subset of one")
 
 
 class ImageNetDataModule(ImageFolderDataModule):

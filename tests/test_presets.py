@@ -169,14 +169,16 @@ def test_imagenet_sparsity_table_covers_the_imagenet_presets():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", sorted(IMAGENET_SPARSITY))
-def test_imagenet_preset_runs_one_step_on_an_imagefolder_tree(tmp_path, preset):
+@pytest.mark.parametrize("preset,decode", [*((p, None) for p in sorted(IMAGENET_SPARSITY)),
+                                           ("rethinking_l1norm_resnet34_imagenet", "device")])
+def test_imagenet_preset_runs_one_step_on_an_imagefolder_tree(tmp_path, preset, decode):
     """Each ImageNet preset, through its own ImageNet datamodule on a 2-class ImageFolder tree of
     32x32 images, trains dense, prunes and fine-tunes (its default method) one step each on the CPU:
-    the pruned fraction is the authors' and the classifier has the tree's 2 classes."""
+    the pruned fraction is the authors' and the classifier has the tree's 2 classes. Its default
+    ``data.decode=auto`` decodes in the workers on the CPU; once more with the decoding on the device."""
     from netcompress.models.serialization import load_model
 
-    overrides = [f"experiment={preset}", *TINY_RUN, "trainer=cpu", "trainer.accelerator=cpu", "trainer.devices=1",
+    overrides = [f"experiment={preset}", *TINY_RUN, *([f"data.decode={decode}"] if decode else []), "trainer=cpu", "trainer.accelerator=cpu", "trainer.devices=1",
                  "trainer.precision=32-true", "trainer.fast_dev_run=true", "latency_repeats=1", "evaluation=[]",
                  f"data.root={_image_tree(tmp_path / 'images')}", "data.image_size=32", "data.resize_size=32",
                  "data.batch_size=4", "data.num_workers=0", f"paths.store_dir={tmp_path / 'store'}"]
@@ -184,6 +186,7 @@ def test_imagenet_preset_runs_one_step_on_an_imagefolder_tree(tmp_path, preset):
         overrides.append("+model.mlp_ratio=0.015625")
     cfg = compose_config(overrides, tmp_path / "run")
     assert cfg.data._target_ == "netcompress.datamodules.imagefolder.ImageNetDataModule"
+    assert cfg.data.decode == (decode or "auto")
     results = run(cfg)
     assert results["status"] == "ok", results.get("error")
     assert results["lottery/method"] == "finetune"
