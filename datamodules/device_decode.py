@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import RandomResizedCrop
 
-from netcompress.datamodules.tensor_loader import epoch_seed
+from netcompress.datamodules.tensor_loader import EpochHook, epoch_seed, rank_share
 
 CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's defaults (Szegedy et al. 2015)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -73,30 +74,18 @@ def decode_batch(data: list[Tensor], device: torch.device, names: Callable[[int]
             return images
 
 
-def crop_box(height: int, width: int, g: torch.Generator, scale: Sequence[float] = CROP_SCALE,
-             ratio: Sequence[float] = CROP_RATIO) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of a RandomResizedCrop: torchvision's algorithm (10 tries of an area fraction
-    in ``scale`` and a log-uniform aspect ratio in ``ratio``, else the centre crop clamped to
-    ``ratio``), drawing from ``g`` instead of the global RNG."""
-    area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=g).item()
-        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g)).item()
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, size=(1,), generator=g).item())
-            left = int(torch.randint(0, width - w + 1, size=(1,), generator=g).item())
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+def draw_views(shapes: Sequence[tuple[int, int]], g: torch.Generator) -> list[tuple[tuple[int, int, int, int], bool]]:
+    """(RandomResizedCrop box (top, left, h, w), flip?) per image of the given (H, W): torchvision's
+    ``get_params`` and a flip draw per image, run on the global CPU RNG set to ``g``'s state inside
+    ``fork_rng`` (so they draw from ``g``, which advances, and the training's own RNG is untouched)."""
+    views = []
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(g.get_state())
+        for height, width in shapes:
+            box = RandomResizedCrop.get_params(torch.empty(0, height, width), list(CROP_SCALE), list(CROP_RATIO))
+            views.append((tuple(box), bool(torch.rand(1) < 0.5)))
+        g.set_state(torch.get_rng_state())
+    return views
 
 
 def _resize(image: Tensor, size: tuple[int, int]) -> Tensor:
@@ -109,10 +98,9 @@ def train_views(images: list[Tensor], size: int, g: torch.Generator) -> Tensor:
     """RandomResizedCrop(size) + RandomHorizontalFlip of each image, as one float (B, 3, size, size) batch
     on the images' device, pixel values in [0, 255]."""
     out = []
-    for image in images:
-        top, left, h, w = crop_box(image.shape[1], image.shape[2], g)
+    for image, ((top, left, h, w), flip) in zip(images, draw_views([im.shape[1:] for im in images], g)):
         view = _resize(image[:, top:top + h, left:left + w], (size, size))
-        out.append(view.flip(-1) if bool(torch.rand(1, generator=g) < 0.5) else view)
+        out.append(view.flip(-1) if flip else view)
     return torch.stack(out)
 
 
@@ -129,16 +117,6 @@ def eval_views(images: list[Tensor], resize: int, size: int) -> Tensor:
         top, left = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
         out.append(view[:, top:top + size, left:left + size])
     return torch.stack(out)
-
-
-class _EpochHook:
-    """Stands in as the loader's ``sampler``: Lightning calls ``sampler.set_epoch`` every epoch."""
-
-    def __init__(self, loader: DeviceDecodeLoader) -> None:
-        self._loader = loader
-
-    def set_epoch(self, epoch: int) -> None:
-        self._loader.set_epoch(epoch)
 
 
 class DeviceDecodeLoader:
@@ -167,7 +145,7 @@ class DeviceDecodeLoader:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.pin_memory = pin_memory
         self.epoch = 0
-        self.sampler = _EpochHook(self)  # Lightning calls sampler.set_epoch(epoch)
+        self.sampler = EpochHook(self)  # Lightning calls sampler.set_epoch(epoch)
         self.batch_sampler = None
 
     @property
@@ -180,14 +158,12 @@ class DeviceDecodeLoader:
     def indices(self, epoch: int) -> list[int]:
         """The sample indices this rank serves in ``epoch``, in order."""
         n = len(self.dataset)
-        if not self.train:
-            return list(range(self.rank, n, self.world_size))
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
-        per_rank = n // self.world_size
-        return perm[self.rank::self.world_size][:per_rank].tolist()
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
+                 if self.train else torch.arange(n))
+        return rank_share(order, self.rank, self.world_size, equal=self.train).tolist()
 
     def __len__(self) -> int:
-        n = len(self.indices(0)) if not self.train else len(self.dataset) // self.world_size
+        n = len(self.indices(0))
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:

@@ -46,15 +46,22 @@ def crop_flip_nhwc(images: Tensor, offsets: Tensor, flips: Tensor, pad: int) -> 
     return torch.gather(strips, 2, cols[:, None, :, None].expand(b, h, w, c))
 
 
-class _LightningEpochHook:
-    """Stands in as the loader's ``sampler``: Lightning's fit loop calls ``sampler.set_epoch``
+class EpochHook:
+    """Stands in as a custom loader's ``sampler``: Lightning's fit loop calls ``sampler.set_epoch``
     with its epoch counter (restored from the checkpoint on resume) before each epoch."""
 
-    def __init__(self, loader: AugmentedTensorLoader) -> None:
+    def __init__(self, loader: Any) -> None:
         self._loader = loader
 
     def set_epoch(self, epoch: int) -> None:
         self._loader.set_epoch(epoch)
+
+
+def rank_share(order: Tensor, rank: int, world_size: int, equal: bool) -> Tensor:
+    """Positions ``rank, rank + world_size, ...`` of ``order``; ``equal``: cut to ``len // world_size``
+    on every rank, so DDP ranks step together (training), else every sample once (eval)."""
+    stop = len(order) // world_size * world_size if equal else len(order)
+    return order[rank:stop:world_size]
 
 
 class AugmentedTensorLoader:
@@ -147,7 +154,7 @@ class AugmentedTensorLoader:
         self.epoch = 0  # epoch served by the next iter()
         self._served = (0, 0)  # (epoch, batches) of the latest iteration, for state_dict
         self._skip: tuple[int, int] | None = None  # (epoch, batches) to skip after a mid-epoch resume
-        self.sampler = _LightningEpochHook(self)  # Lightning calls sampler.set_epoch(epoch)
+        self.sampler = EpochHook(self)  # Lightning calls sampler.set_epoch(epoch)
         self.batch_sampler = None  # read by Lightning next to `sampler`
 
     # -- sizes -------------------------------------------------------------------------------
@@ -203,11 +210,10 @@ class AugmentedTensorLoader:
         dev = self.images.device
         if self.train:
             perm, offsets, flips = self.epoch_plan(epoch)
-            stop = self.num_samples * self.world_size
-            take = slice(self.rank, stop, self.world_size)
+            take = rank_share(torch.arange(len(perm)), self.rank, self.world_size, equal=True)
             index, offsets, flips = perm[take].to(dev), offsets[take].to(dev), flips[take].to(dev)
         else:
-            index = torch.arange(self.rank, self.images.shape[0], self.world_size, device=dev)
+            index = rank_share(torch.arange(self.images.shape[0], device=dev), self.rank, self.world_size, equal=False)
         bs = self.batch_size
         for b in range(start, len(self)):
             sel = index[b * bs:(b + 1) * bs]

@@ -12,7 +12,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 
 from netcompress.datamodules import ImageFolderDataModule
-from netcompress.datamodules.device_decode import crop_box
+from netcompress.datamodules.device_decode import draw_views
 from netcompress.datamodules.tensor_loader import epoch_seed
 
 SIZE, RESIZE = 32, 36
@@ -39,13 +39,22 @@ def module(root: Path, decode: str, **kw) -> ImageFolderDataModule:
     return dm
 
 
-def test_crop_boxes_are_torchvisions_random_resized_crop():
-    """Same draws, same boxes: crop_box is RandomResizedCrop.get_params on a private generator."""
-    for seed in range(200):
-        for shape in [(375, 500), (50, 400), (400, 20), (32, 32)]:
-            torch.manual_seed(seed)
-            expected = RandomResizedCrop.get_params(torch.zeros(3, *shape), [0.08, 1.0], [3 / 4, 4 / 3])
-            assert crop_box(*shape, torch.Generator().manual_seed(seed)) == tuple(expected)
+def torchvision_draws(shapes, seed: int) -> list:
+    """The reference: RandomResizedCrop.get_params and a flip per image on the global RNG seeded with ``seed``."""
+    torch.manual_seed(seed)
+    return [(tuple(RandomResizedCrop.get_params(torch.zeros(3, *shape), [0.08, 1.0], [3 / 4, 4 / 3])),
+             bool(torch.rand(1) < 0.5)) for shape in shapes]
+
+
+def test_views_are_torchvisions_draws_from_a_private_generator():
+    """Same seed, same boxes and flips as torchvision on the global RNG, which is left as it was."""
+    shapes = [(375, 500), (50, 400), (400, 20), (32, 32)] * 50
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    g = torch.Generator().manual_seed(7)
+    drawn = draw_views(shapes[:100], g) + draw_views(shapes[100:], g)  # the generator advances across calls
+    assert torch.equal(torch.get_rng_state(), before)
+    assert drawn == torchvision_draws(shapes, 7)
 
 
 def test_eval_batches_match_the_pil_path(tmp_path):
@@ -70,14 +79,13 @@ def test_train_batches_are_the_seeded_crops_of_the_pil_transforms(tmp_path):
     loader = dm.train_dataloader()
     order = loader.indices(0)
     (x, y), *_ = list(loader)
-    g = torch.Generator().manual_seed(epoch_seed(3, 0) ^ 0x5EED)
     files = dm.train_set.samples
-    for position, index in enumerate(order[:4]):
-        path, target = files[index]
-        image = Image.open(path).convert("RGB")
-        top, left, h, w = crop_box(image.height, image.width, g)
+    images = [Image.open(files[index][0]).convert("RGB") for index in order[:4]]
+    draws = torchvision_draws([(image.height, image.width) for image in images], epoch_seed(3, 0) ^ 0x5EED)
+    for position, (index, image, ((top, left, h, w), flip)) in enumerate(zip(order, images, draws)):
+        target = files[index][1]
         view = TF.resized_crop(image, top, left, h, w, [SIZE, SIZE], antialias=True)
-        if torch.rand(1, generator=g) < 0.5:
+        if flip:
             view = TF.hflip(view)
         expected = TF.normalize(TF.to_tensor(view), dm.mean, dm.std)
         assert y[position] == target
